@@ -1,0 +1,71 @@
+"""Training and validation steps, optimizer and learning-rate schedule for the GPT."""
+
+import math
+
+import lightning as L
+import torch
+
+from fineweb_gpt.model import GPT, GPTConfig
+
+
+def learning_rate(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at decay_steps.
+
+    `step` counts optimizer steps already taken, so micro-batches never move the schedule.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class GPTLightningModule(L.LightningModule):
+    def __init__(
+        self,
+        model_config: dict,
+        lr: float = 6e-4,
+        min_lr: float = 6e-5,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 200,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+    ):
+        super().__init__()
+        # Stored in every checkpoint, so a checkpoint alone can rebuild the model.
+        self.save_hyperparameters()
+        self.model = GPT(GPTConfig(**model_config))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)[0]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        _, loss = self.model(inputs, targets)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        inputs, targets = batch
+        _, loss = self.model(inputs, targets)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # Decay only matrices (linear weights and embeddings); gains and biases stay free.
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(
+            groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=self.device.type == "cuda"
+        )
+        decay_steps = self.trainer.max_steps
+
+        def lr_factor(step: int) -> float:
+            return learning_rate(step, hp.lr, hp.min_lr, hp.warmup_steps, decay_steps) / hp.lr
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

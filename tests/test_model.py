@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+
+from fineweb_gpt.data import bundled_sample_path, read_documents, tokenize_documents
+from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.model import GPT, GPTConfig
+
+
+@pytest.mark.parametrize("preset, millions", [("40m", 40.56), ("124m", 123.59)])
+def test_preset_parameter_counts_match_their_names(make_config, preset, millions):
+    cfg = make_config(f"model={preset}")
+    model = GPT(GPTConfig(**cfg.model))
+    assert model.num_params() / 1e6 == pytest.approx(millions, abs=0.005)
+    # nanoGPT's convention: only the position embedding is left out.
+    assert model.num_params(exclude_position_embedding=False) - model.num_params() == 1024 * cfg.model.n_embd
+
+
+def test_output_head_is_tied_to_token_embedding():
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32))
+    assert model.lm_head.weight.data_ptr() == model.token_embedding.weight.data_ptr()
+
+
+def test_residual_projections_start_scaled_down():
+    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=32))
+    expected = 0.02 / math.sqrt(2 * 8)
+    assert model.blocks[0].attn.out_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert model.blocks[0].mlp.down.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert model.blocks[0].mlp.up.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs, culprit",
+    [
+        (dict(n_embd=100, n_head=12), "model.n_embd=100"),
+        (dict(n_layer=0), "model.n_layer=0"),
+        (dict(block_size=-5), "model.block_size=-5"),
+        (dict(n_head=2.5), "model.n_head=2.5"),
+        (dict(dropout=1.0), "model.dropout=1.0"),
+    ],
+)
+def test_invalid_config_is_refused_at_construction(kwargs, culprit):
+    with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
+        GPTConfig(**kwargs)
+
+
+def test_logits_shape_and_causality():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 50257, (3, 16))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 16, 50304) and loss is None
+    # Changing the last token must not change what the model predicts before it.
+    changed = idx.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 50257
+    logits_changed, _ = model(changed)
+    torch.testing.assert_close(logits[:, :-1], logits_changed[:, :-1])
+    assert not torch.allclose(logits[:, -1], logits_changed[:, -1])
+
+
+def test_sequence_longer_than_block_size_is_refused():
+    model = GPT(GPTConfig(block_size=8, n_layer=1, n_head=1, n_embd=16))
+    with pytest.raises(ValueError, match="block_size=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_initial_loss_on_real_text_is_near_uniform():
+    torch.manual_seed(0)
+    _, texts = read_documents([bundled_sample_path()], "text")
+    tokens = torch.from_numpy(tokenize_documents(texts[:20]).astype("int64"))[: 4 * 129].view(4, 129)
+    model = GPT(GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128))
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    assert loss.item() == pytest.approx(math.log(50304), abs=0.1)
+
+
+def test_tiny_model_memorises_one_batch():
+    torch.manual_seed(0)
+    _, texts = read_documents([bundled_sample_path()], "text")
+    tokens = torch.from_numpy(tokenize_documents(texts[:5]).astype("int64"))[: 4 * 33].view(4, 33)
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1.0

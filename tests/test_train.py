@@ -1,0 +1,168 @@
+import csv
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, run_cli
+from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.lit_module import learning_rate
+from fineweb_gpt.model import GPTConfig
+from fineweb_gpt.train import count_devices, gradient_accumulation, train
+
+# A model small enough to train for real in seconds on a CPU.
+SMALL = [
+    "hw=cpu",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "hw.micro_batch_size=4",
+    "total_batch_tokens=256",
+    "data.val_tokens=256",
+]
+
+
+def test_accumulation_is_derived_from_the_token_budget():
+    assert gradient_accumulation(524288, 8, 1024, 1) == 64
+    assert gradient_accumulation(524288, 8, 1024, 4) == 16
+    assert gradient_accumulation(4096, 4, 256, 1) == 4
+
+
+def test_accumulation_that_cannot_divide_is_refused_with_a_valid_suggestion():
+    with pytest.raises(ConfigError, match=r"total_batch_tokens=524288 .* 12 x 1024 x 1 = 12288") as err:
+        gradient_accumulation(524288, 12, 1024, 1)
+    suggested = int(re.search(r"use total_batch_tokens=(\d+)", str(err.value)).group(1))
+    assert suggested % 12288 == 0 and abs(suggested - 524288) < 12288
+
+
+def test_device_counts_follow_lightning_forms():
+    assert count_devices(2, "cpu") == 2
+    assert count_devices([0, 1, 3], "gpu") == 3
+    assert count_devices("0,1", "gpu") == 2
+    assert count_devices("auto", "cpu") == 1
+
+
+def test_learning_rate_warms_up_then_decays_to_min():
+    values = [learning_rate(s, 1e-3, 1e-4, warmup_steps=10, decay_steps=100) for s in range(120)]
+    assert values[0] == pytest.approx(1e-4) and values[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(values[:10], values[1:10]))
+    assert all(a >= b for a, b in zip(values[9:100], values[10:100]))
+    assert values[55] == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-2)  # half way through the cosine
+    assert values[100:] == [pytest.approx(1e-4)] * 20
+
+
+def group_options():
+    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir()):
+        for option in sorted(group.glob("*.yaml")):
+            yield f"{group.name}={option.stem}"
+
+
+@pytest.mark.parametrize("override", list(group_options()))
+def test_every_config_group_option_composes(make_config, override):
+    cfg = make_config(override)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert resolved["model"]["n_layer"] > 0
+    GPTConfig(**cfg.model)  # every model preset is valid
+    assert cfg.trainer._target_ == "lightning.Trainer"
+
+
+def test_quickstart_defaults_compose_to_a_short_cpu_sized_run(make_config):
+    cfg = make_config()
+    assert cfg.total_batch_tokens == 4096 and cfg.trainer.max_steps > 0
+    assert make_config("model=124m").total_batch_tokens == 524288
+
+
+def test_training_steps_the_schedule_once_per_optimizer_step(make_config, tmp_path):
+    cfg = make_config(*SMALL, "trainer.max_steps=3", "val_every_steps=2", "optim.warmup_steps=1")
+    final_val = train(cfg)  # accumulation: 256 / (4 x 32) = 2 micro-batches per step
+    assert math.isfinite(final_val)
+    checkpoint = torch.load(Path(cfg.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    assert checkpoint["lr_schedulers"][0]["last_epoch"] == 3
+    assert all(state["step"] == 3 for state in checkpoint["optimizer_states"][0]["state"].values())
+    expected_lr = learning_rate(3, cfg.optim.lr, cfg.optim.min_lr, 1, 3)
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(expected_lr)
+    assert checkpoint["hyper_parameters"]["model_config"]["n_embd"] == 32  # the checkpoint rebuilds its model
+
+    with open(Path(cfg.run_dir) / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    val_losses = [float(r["val/loss"]) for r in rows if r["val/loss"]]
+    assert len(val_losses) == 3  # before training, after step 2, after the last step
+    assert val_losses[-1] == pytest.approx(final_val)
+
+
+def test_warmup_longer_than_the_run_is_refused(make_config):
+    with pytest.raises(ConfigError, match="optim.warmup_steps=200"):
+        train(make_config(*SMALL, "trainer.max_steps=50", "optim.warmup_steps=200"))
+
+
+def test_fast_dev_run_through_the_command_line(tmp_path):
+    result = run_cli("trainer.fast_dev_run=true", "hw=cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Model tiny: 7.23M parameters" in result.stderr + result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
+def test_gpu_profile_without_gpu_stops_before_reading_data(tmp_path):
+    # The data path does not exist: the hw refusal must come first, before any data is touched.
+    result = run_cli("model=124m", "hw=rtx4070", "data=single_parquet", "data.path=/nowhere/x.parquet", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "error: hw=rtx4070 needs a CUDA GPU and this machine has none; use hw=cpu (or hw=auto)"
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_path_is_one_line(tmp_path):
+    result = run_cli("data=single_parquet", "hw=cpu", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: data.path has no value")
+
+
+def test_bad_input_file_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "000_00000.parquet"
+    bad.write_bytes(b"not parquet at all")
+    result = run_cli("data=single_parquet", f"data.path={bad}", "hw=cpu", cwd=tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {bad} is not a readable parquet file")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_no_argument_run_trains_and_saves(tmp_path):
+    result = run_cli(cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    run_dirs = sorted(tmp_path.glob("outputs/*/*"))
+    assert len(run_dirs) == 1
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}", "/".join(run_dirs[0].parts[-2:]))
+    assert f"Run folder: {run_dirs[0]}" in output
+    assert (run_dirs[0] / "checkpoints" / "last.ckpt").is_file()
+
+    with open(run_dirs[0] / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    train_losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
+    val_losses = [float(r["val/loss"]) for r in rows if r["val/loss"]]
+    assert val_losses[0] == pytest.approx(math.log(50304), abs=0.15)
+    assert val_losses[-1] < val_losses[0] - 2.5
+    assert sum(train_losses[-5:]) / 5 < sum(train_losses[:5]) / 5 - 2.0
+
+
+def test_every_trainer_argument_can_be_set_from_the_command_line():
+    import inspect
+
+    import lightning as L
+
+    trainer_args = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    listed = set(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml")) - {"_target_"}
+    # logger and callbacks come from the logger= and callbacks= groups.
+    assert listed == trainer_args - {"logger", "callbacks"}
+
+
+def test_derived_trainer_arguments_are_refused(make_config):
+    with pytest.raises(ConfigError, match="trainer.accumulate_grad_batches is derived .* set total_batch_tokens"):
+        train(make_config(*SMALL, "trainer.accumulate_grad_batches=4"))

@@ -166,3 +166,14 @@ def test_every_trainer_argument_can_be_set_from_the_command_line():
 def test_derived_trainer_arguments_are_refused(make_config):
     with pytest.raises(ConfigError, match="trainer.accumulate_grad_batches is derived .* set total_batch_tokens"):
         train(make_config(*SMALL, "trainer.accumulate_grad_batches=4"))
+
+
+def test_gradients_are_clipped_to_the_trainer_norm():
+    from fineweb_gpt.lit_module import GPTLightningModule
+
+    module = GPTLightningModule(model_config=dict(block_size=8, n_layer=1, n_head=1, n_embd=16))
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    module.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in module.parameters()]))
+    assert total.item() == pytest.approx(1.0, rel=1e-3)  # from about 9000

@@ -51,6 +51,14 @@ class GPTLightningModule(L.LightningModule):
         _, loss = self.model(inputs, targets)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer even in bf16,
+        # where no loss scaling needs undoing, so clip by norm here.
+        if gradient_clip_algorithm not in (None, "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+
     def configure_optimizers(self):
         hp = self.hparams
         # Decay only matrices (linear weights and embeddings); gains and biases stay free.
@@ -59,9 +67,10 @@ class GPTLightningModule(L.LightningModule):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(
-            groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=self.device.type == "cuda"
-        )
+        # Fused AdamW on CUDA, except with fp16 loss scaling: Lightning must unscale the
+        # gradients before clipping, and cannot with a fused optimizer.
+        fused = self.device.type == "cuda" and not str(self.trainer.precision).startswith("16")
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         decay_steps = self.trainer.max_steps
 
         def lr_factor(step: int) -> float:

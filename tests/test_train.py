@@ -80,7 +80,9 @@ def test_training_steps_the_schedule_once_per_optimizer_step(make_config, tmp_pa
     cfg = make_config(*SMALL, "trainer.max_steps=3", "val_every_steps=2", "optim.warmup_steps=1")
     final_val = train(cfg)  # accumulation: 256 / (4 x 32) = 2 micro-batches per step
     assert math.isfinite(final_val)
-    checkpoint = torch.load(Path(cfg.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    # Plain data only: sample and doctor load checkpoints with weights_only=True.
+    checkpoint = torch.load(Path(cfg.run_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["tokenizer"]["name"] == "gpt2" and checkpoint["tokenizer"]["end_of_text_id"] == 50256
     assert checkpoint["global_step"] == 3
     assert checkpoint["lr_schedulers"][0]["last_epoch"] == 3
     assert all(state["step"] == 3 for state in checkpoint["optimizer_states"][0]["state"].values())

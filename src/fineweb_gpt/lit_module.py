@@ -6,6 +6,7 @@ import lightning as L
 import torch
 
 from fineweb_gpt.model import GPT, GPTConfig
+from fineweb_gpt.tokenizer import END_OF_TEXT_ID, GPT2_RANKS_SHA256
 
 
 def learning_rate(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
@@ -39,6 +40,10 @@ class GPTLightningModule(L.LightningModule):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)[0]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # With the model config in hyper_parameters, this makes a checkpoint self-contained.
+        checkpoint["tokenizer"] = {"name": "gpt2", "ranks_sha256": GPT2_RANKS_SHA256, "end_of_text_id": END_OF_TEXT_ID}
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, targets = batch

@@ -92,7 +92,7 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
 
     model_config = GPTConfig(**cfg.model)
-    module = GPTLightningModule(model_config=model_config.to_dict(), **cfg.optim)
+    module = GPTLightningModule(model_config=model_config.to_dict(), **OmegaConf.to_container(cfg.optim))
     num_params = module.model.num_params()
 
     world_size = count_devices(cfg.trainer.devices, cfg.trainer.accelerator) * cfg.trainer.num_nodes

@@ -179,3 +179,63 @@ def test_gradients_are_clipped_to_the_trainer_norm():
     module.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in module.parameters()]))
     assert total.item() == pytest.approx(1.0, rel=1e-3)  # from about 9000
+
+
+def test_resumed_run_trains_on_the_same_batches_as_an_uninterrupted_one(make_config, tmp_path):
+    def run(name, max_steps, ckpt_path=None):
+        record = tmp_path / f"{name}.txt"
+        cfg = make_config(
+            *SMALL,
+            f"trainer.max_steps={max_steps}",
+            "val_every_steps=3",
+            "optim.warmup_steps=1",
+            "data.num_workers=2",
+            "data.rows_per_chunk=16",
+            "+callbacks.recorder._target_=conftest.BatchRecorder",
+            f"+callbacks.recorder.path={record}",
+            f"ckpt_path={ckpt_path}" if ckpt_path else "ckpt_path=null",
+        )
+        cfg.run_dir = str(tmp_path / name)
+        train(cfg)
+        return record.read_text().splitlines(), Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+    uninterrupted, _ = run("uninterrupted", 8)
+    first_half, checkpoint = run("first", 5)
+    second_half, _ = run("resumed", 8, ckpt_path=checkpoint)
+    assert len(uninterrupted) == 16  # 8 steps x 2 micro-batches
+    assert first_half + second_half == uninterrupted
+
+
+def write_shards(directory: Path, count: int) -> list[Path]:
+    import pyarrow.parquet as pq
+
+    from fineweb_gpt.data import bundled_sample_path
+
+    sample = pq.read_table(bundled_sample_path())
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        paths.append(directory / f"{i:03d}_00000.parquet")
+        pq.write_table(sample.slice(i * 200, 200), paths[-1], row_group_size=50)
+    return paths
+
+
+@pytest.mark.parametrize("data_args", ["single", "glob", "folder"])
+def test_trains_on_user_parquet_files(make_config, tmp_path, data_args):
+    shards = write_shards(tmp_path / "fineweb", 3)
+    args = {
+        "single": ["data=single_parquet", f"data.path={shards[0]}"],
+        "glob": ["data=multi_shard", f"data.paths=['{tmp_path}/fineweb/00[0-1]_00000.parquet']"],
+        "folder": ["data=multi_shard", f"data.paths=[{tmp_path}/fineweb]"],
+    }[data_args]
+    cfg = make_config(*SMALL, *args, "data.num_workers=2", "trainer.max_steps=2", "optim.warmup_steps=1")
+    assert math.isfinite(train(cfg))
+    checkpoint = torch.load(Path(cfg.run_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    streams = checkpoint["FineWebDataModule"]["positions"]
+    assert sorted(streams) == [0, 1]  # both workers fed the run
+
+
+def test_multi_shard_without_files_is_one_line(tmp_path):
+    result = run_cli("data=multi_shard", "hw=cpu", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no training data given")

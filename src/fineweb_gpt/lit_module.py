@@ -45,15 +45,14 @@ class GPTLightningModule(L.LightningModule):
         # With the model config in hyper_parameters, this makes a checkpoint self-contained.
         checkpoint["tokenizer"] = {"name": "gpt2", "ranks_sha256": GPT2_RANKS_SHA256, "end_of_text_id": END_OF_TEXT_ID}
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        inputs, targets = batch
-        _, loss = self.model(inputs, targets)
+    def training_step(self, windows: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        # windows: (micro_batch, block_size + 1) tokens; targets are the inputs shifted by one.
+        _, loss = self.model(windows[:, :-1], windows[:, 1:])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        inputs, targets = batch
-        _, loss = self.model(inputs, targets)
+    def validation_step(self, windows: torch.Tensor, batch_idx: int) -> None:
+        _, loss = self.model(windows[:, :-1], windows[:, 1:])
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

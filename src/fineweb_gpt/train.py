@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -56,6 +57,16 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
+
+
+def build(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, letting our one-line ConfigError through unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
 
 
 def check_config(cfg: DictConfig, hw_name: str) -> None:
@@ -105,9 +116,9 @@ def train(cfg: DictConfig) -> float | None:
             f"optim.warmup_steps={cfg.optim.warmup_steps} is not below the run's {max_steps} steps; lower it"
         )
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = instantiate(
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [build(lg) for lg in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = build(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
         max_steps=max_steps,
@@ -122,7 +133,7 @@ def train(cfg: DictConfig) -> float | None:
             "the batch was planned for; give trainer.devices as a number"
         )
 
-    datamodule = instantiate(cfg.data, block_size=model_config.block_size, micro_batch_size=cfg.hw.micro_batch_size)
+    datamodule = build(cfg.data, block_size=model_config.block_size, micro_batch_size=cfg.hw.micro_batch_size)
 
     run_dir = Path(cfg.run_dir)
     tokens_per_step = cfg.total_batch_tokens

@@ -239,3 +239,33 @@ def test_multi_shard_without_files_is_one_line(tmp_path):
     result = run_cli("data=multi_shard", "hw=cpu", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: no training data given")
+
+
+def test_file_damaged_inside_is_reported_in_one_line_from_a_worker(tmp_path):
+    import pyarrow.parquet as pq
+
+    from fineweb_gpt.data import bundled_sample_path
+
+    path = tmp_path / "000_00000.parquet"
+    pq.write_table(pq.read_table(bundled_sample_path()), path, row_group_size=100, compression="zstd")
+    metadata = pq.ParquetFile(path).metadata
+    raw = bytearray(path.read_bytes())
+    for group in range(metadata.num_row_groups):  # damage every text column chunk; the footer stays intact
+        column = metadata.row_group(group).column(0)
+        start = column.data_page_offset + 50
+        for i in range(start, start + column.total_compressed_size // 2):
+            raw[i] = (raw[i] * 7 + 13) % 256
+    path.write_bytes(bytes(raw))
+
+    result = run_cli(
+        *SMALL,
+        "data=single_parquet",
+        f"data.path={path}",
+        "data.num_workers=2",
+        "trainer.max_steps=200",
+        "optim.warmup_steps=1",
+        "val_every_steps=100",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {path} could not be read (")

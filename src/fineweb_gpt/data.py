@@ -128,6 +128,10 @@ def download_hub_files(repo: str, pattern: str, cache_dir: str | None = None) ->
     return files
 
 
+def one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
 @dataclass(frozen=True)
 class ParquetInfo:
     path: Path
@@ -146,7 +150,7 @@ def inspect_parquet(path: Path, text_column: str) -> ParquetInfo:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as err:
-        raise ConfigError(f"{path} is not a readable parquet file ({err}); re-download or remove it") from err
+        raise ConfigError(f"{path} is not a readable parquet file ({one_line(err)}); re-download or remove it") from err
     names = parquet.schema_arrow.names
     if text_column not in names:
         raise ConfigError(
@@ -311,7 +315,7 @@ class TokenWindowStream(IterableDataset):
                 if row >= unit.row_stop:
                     return
         except (pa.ArrowInvalid, OSError) as err:
-            raise ConfigError(f"{info.path} could not be read ({err}); re-download or remove it") from err
+            raise ConfigError(f"{info.path} could not be read ({one_line(err)}); re-download or remove it") from err
 
     def stream_windows(self, stream: int):
         """(window, position after it) for one stream, epoch after epoch, from its start position."""

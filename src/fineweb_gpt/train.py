@@ -184,7 +184,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Raised in a DataLoader worker, the message arrives inside the worker's traceback.
+        message = str(err).strip().splitlines()[-1].split("ConfigError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -252,7 +252,7 @@ def test_file_damaged_inside_is_reported_in_one_line_from_a_worker(tmp_path):
     raw = bytearray(path.read_bytes())
     for group in range(metadata.num_row_groups):  # damage every text column chunk; the footer stays intact
         column = metadata.row_group(group).column(0)
-        start = column.data_page_offset + 50
+        start = (column.dictionary_page_offset or column.data_page_offset) + 50
         for i in range(start, start + column.total_compressed_size // 2):
             raw[i] = (raw[i] * 7 + 13) % 256
     path.write_bytes(bytes(raw))

@@ -241,31 +241,47 @@ def test_multi_shard_without_files_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: no training data given")
 
 
-def test_file_damaged_inside_is_reported_in_one_line_from_a_worker(tmp_path):
+def damage_text_pages(path: Path) -> None:
+    """Scramble the middle of every text column chunk; the footer stays intact."""
     import pyarrow.parquet as pq
 
-    from fineweb_gpt.data import bundled_sample_path
-
-    path = tmp_path / "000_00000.parquet"
-    pq.write_table(pq.read_table(bundled_sample_path()), path, row_group_size=100, compression="zstd")
     metadata = pq.ParquetFile(path).metadata
     raw = bytearray(path.read_bytes())
-    for group in range(metadata.num_row_groups):  # damage every text column chunk; the footer stays intact
+    for group in range(metadata.num_row_groups):
         column = metadata.row_group(group).column(0)
         start = (column.dictionary_page_offset or column.data_page_offset) + 50
         for i in range(start, start + column.total_compressed_size // 2):
             raw[i] = (raw[i] * 7 + 13) % 256
     path.write_bytes(bytes(raw))
 
-    result = run_cli(
-        *SMALL,
-        "data=single_parquet",
-        f"data.path={path}",
-        "data.num_workers=2",
-        "trainer.max_steps=200",
-        "optim.warmup_steps=1",
-        "val_every_steps=100",
-        cwd=tmp_path,
-    )
+
+def write_damaged_sample(tmp_path: Path) -> Path:
+    import pyarrow.parquet as pq
+
+    from fineweb_gpt.data import bundled_sample_path
+
+    path = tmp_path / "000_00000.parquet"
+    pq.write_table(pq.read_table(bundled_sample_path()), path, row_group_size=100, compression="zstd")
+    damage_text_pages(path)
+    return path
+
+
+def test_file_damaged_inside_is_reported_in_one_line(tmp_path):
+    path = write_damaged_sample(tmp_path)
+    result = run_cli(*SMALL, "data=single_parquet", f"data.path={path}", "data.num_workers=2", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {path} could not be read (")
+
+
+def test_damage_met_by_a_dataloader_worker_keeps_its_one_line(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from fineweb_gpt.data import TokenWindowStream, inspect_parquet
+    from fineweb_gpt.train import error_line
+
+    path = write_damaged_sample(tmp_path)
+    stream = TokenWindowStream([inspect_parquet(path, "text")], "text", 0.05, 32, 4, 64, seed=0, num_workers=1)
+    with pytest.raises(ConfigError) as raised:
+        next(iter(DataLoader(stream, batch_size=None, num_workers=1)))
+    assert "Original Traceback" in str(raised.value)  # what a worker's exception looks like in the trainer
+    assert error_line(raised.value).startswith(f"{path} could not be read (")

@@ -29,6 +29,7 @@ import glob
 import logging
 import os
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -130,6 +131,15 @@ def download_hub_files(repo: str, pattern: str, cache_dir: str | None = None) ->
 
 def one_line(err: Exception) -> str:
     return " ".join(str(err).split())
+
+
+@contextmanager
+def reading(path: Path):
+    """Turn pyarrow's errors on a damaged file into one line naming the file."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as err:
+        raise ConfigError(f"{path} could not be read ({one_line(err)}); re-download or remove it") from err
 
 
 @dataclass(frozen=True)
@@ -302,7 +312,7 @@ class TokenWindowStream(IterableDataset):
         parquet = pq.ParquetFile(info.path)
         group_start = sum(info.row_group_rows[: unit.row_group])  # the row group's first row in the file
         row = 0  # the batch's first row within the row group
-        try:
+        with reading(info.path):
             for batch in parquet.iter_batches(self.rows_per_chunk, row_groups=[unit.row_group], columns=columns):
                 lo, hi = max(unit.row_start - row, 0), min(unit.row_stop - row, batch.num_rows)
                 if hi > lo:
@@ -314,8 +324,6 @@ class TokenWindowStream(IterableDataset):
                 row += batch.num_rows
                 if row >= unit.row_stop:
                     return
-        except (pa.ArrowInvalid, OSError) as err:
-            raise ConfigError(f"{info.path} could not be read ({one_line(err)}); re-download or remove it") from err
 
     def stream_windows(self, stream: int):
         """(window, position after it) for one stream, epoch after epoch, from its start position."""
@@ -451,14 +459,16 @@ class FineWebDataModule(L.LightningDataModule):
             parquet = pq.ParquetFile(info.path)
             first_row = 0
             for group, rows in enumerate(info.row_group_rows):
-                ids = parquet.read_row_group(group, columns=["id"]).column("id").to_pylist() if info.has_id else None
+                with reading(info.path):
+                    ids = parquet.read_row_group(group, columns=["id"]).column(0).to_pylist() if info.has_id else None
                 keys = document_keys(ids, info.path, first_row, rows)
                 held_out = [i for i, k in enumerate(keys) if is_validation_document(k, self.val_fraction)]
                 first_row += rows
                 if not held_out:
                     continue
-                texts = parquet.read_row_group(group, columns=[self.text_column]).column(0).take(held_out).to_pylist()
-                tokens = tokenize_documents([t for t in texts if t])
+                with reading(info.path):
+                    texts = parquet.read_row_group(group, columns=[self.text_column]).column(0).take(held_out)
+                tokens = tokenize_documents([t for t in texts.to_pylist() if t])
                 parts.append(tokens)
                 total += len(tokens)
                 if total >= wanted:
@@ -472,13 +482,14 @@ class FineWebDataModule(L.LightningDataModule):
         tokens per byte of their first chunk and the text size in their metadata.
         """
         if all(info.has_token_count for info in self.infos):
-            total = sum(
-                pq.read_table(info.path, columns=["token_count"]).column(0).to_numpy(zero_copy_only=False).sum()
-                + info.num_rows
-                for info in self.infos
-            )
+            total = 0
+            for info in self.infos:
+                with reading(info.path):
+                    counts = pq.read_table(info.path, columns=["token_count"]).column(0)
+                total += int(counts.to_numpy(zero_copy_only=False).sum()) + info.num_rows
             return int(total * (1 - self.val_fraction)), True
-        sample = pq.ParquetFile(self.infos[0].path).read_row_group(0, columns=[self.text_column]).column(0)
+        with reading(self.infos[0].path):
+            sample = pq.ParquetFile(self.infos[0].path).read_row_group(0, columns=[self.text_column]).column(0)
         texts = [t for t in sample.to_pylist()[: self.rows_per_chunk] if t]
         per_byte = len(tokenize_documents(texts)) / max(1, sum(len(t.encode("utf-8")) for t in texts))
         total_bytes = sum(info.text_bytes for info in self.infos)

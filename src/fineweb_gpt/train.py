@@ -179,14 +179,17 @@ def cfg_choices() -> dict:
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
 
+def error_line(err: ConfigError) -> str:
+    """The error's one line; raised in a DataLoader worker, it arrives inside the worker's traceback."""
+    return str(err).strip().splitlines()[-1].split("ConfigError: ", 1)[-1]
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
     except ConfigError as err:
-        # Raised in a DataLoader worker, the message arrives inside the worker's traceback.
-        message = str(err).strip().splitlines()[-1].split("ConfigError: ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         sys.exit(2)
 
 

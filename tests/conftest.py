@@ -1,8 +1,11 @@
+import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -49,18 +52,35 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
     )
 
 
-class BatchRecorder:
-    """A Lightning callback that appends each trained batch's step and checksum to a file."""
+class BatchRecorder(L.Callback):
+    """Appends each trained micro-batch's step, checksum, token count and loss to a file per rank."""
 
-    def __new__(cls, path: str):
-        import hashlib
+    def __init__(self, path: str):
+        self.path = path
 
-        import lightning as L
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        digest = hashlib.sha1(batch.cpu().numpy().tobytes()).hexdigest()
+        loss = float(outputs["loss"]) * trainer.accumulate_grad_batches  # Lightning divides it
+        tokens = batch.shape[0] * (batch.shape[1] - 1)
+        with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
+            f.write(f"{trainer.global_step} {digest} {tokens} {loss!r}\n")
 
-        class _Recorder(L.Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                digest = hashlib.sha1(batch.cpu().numpy().tobytes()).hexdigest()
-                with open(path, "a") as f:
-                    f.write(f"{trainer.global_step} {digest}\n")
 
-        return _Recorder()
+def recorded_batches(path) -> list[tuple[int, str, int, float]]:
+    """(optimizer steps done after the micro-batch, checksum, tokens, loss) of every rank's file."""
+    rows = []
+    for file in sorted(Path(path).parent.glob(Path(path).name + ".rank*")):
+        for line in file.read_text().splitlines():
+            step, digest, tokens, loss = line.split()
+            rows.append((int(step), digest, int(tokens), float(loss)))
+    return rows
+
+
+class SlowValidation(L.Callback):
+    """Makes every validation batch take `seconds` longer."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_validation_batch_end(self, *args, **kwargs):
+        time.sleep(self.seconds)

@@ -77,10 +77,10 @@ def test_initial_loss_on_real_text_is_near_uniform():
 def test_tiny_model_memorises_one_batch():
     torch.manual_seed(0)
     _, texts = read_documents([bundled_sample_path()], "text")
-    tokens = torch.from_numpy(tokenize_documents(texts[:5]).astype("int64"))[: 4 * 33].view(4, 33)
+    tokens = torch.from_numpy(tokenize_documents(texts[:5]).astype("int64"))[: 2 * 33].view(2, 33)
     model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(300):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(100):
         _, loss = model(tokens[:, :-1], tokens[:, 1:])
         optimizer.zero_grad()
         loss.backward()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, run_cli
+from conftest import CONF_DIR, recorded_batches, run_cli
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.lit_module import learning_rate
 from fineweb_gpt.model import GPTConfig
@@ -105,7 +105,7 @@ def test_warmup_longer_than_the_run_is_refused(make_config):
 def test_fast_dev_run_through_the_command_line(tmp_path):
     result = run_cli("trainer.fast_dev_run=true", "hw=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Model tiny: 7.23M parameters" in result.stderr + result.stdout
+    assert "tiny: 7.23M parameters (nanoGPT count)" in result.stdout + result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
@@ -197,11 +197,11 @@ def test_resumed_run_trains_on_the_same_batches_as_an_uninterrupted_one(make_con
         )
         cfg.run_dir = str(tmp_path / name)
         train(cfg)
-        return record.read_text().splitlines(), Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        return [(step, digest) for step, digest, _, _ in recorded_batches(record)], Path(cfg.run_dir)
 
     uninterrupted, _ = run("uninterrupted", 8)
-    first_half, checkpoint = run("first", 5)
-    second_half, _ = run("resumed", 8, ckpt_path=checkpoint)
+    first_half, first_dir = run("first", 5)
+    second_half, _ = run("resumed", 8, ckpt_path=first_dir / "checkpoints" / "last.ckpt")
     assert len(uninterrupted) == 16  # 8 steps x 2 micro-batches
     assert first_half + second_half == uninterrupted
 

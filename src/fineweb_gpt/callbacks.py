@@ -1,7 +1,18 @@
-"""Lightning callbacks: what Lightning's own ones leave out for step-budgeted runs."""
+"""Lightning callbacks: what Lightning's own ones leave out for token-budgeted runs."""
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+from fineweb_gpt.flops import model_flops_utilization, size_mismatch
+
+log = logging.getLogger("fineweb_gpt")
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -15,3 +26,271 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def format_count(n: float) -> str:
+    """12_345 -> '12.3k', 2_471_800_000 -> '2.47B'."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
+def format_duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{int(seconds % 60):02d}s"
+
+
+class RunMonitor(L.Callback):
+    """What users watch, measured once per optimizer step rather than per micro-batch.
+
+    Lightning's own logging records the last micro-batch's loss at each step, and its
+    ThroughputMonitor counts micro-batches and uses a peak-FLOPs table without the RTX 4070
+    (and FP32 peaks for GeForce cards). This callback logs, per optimizer step: train/loss
+    (the mean of all its micro-batches and ranks), lr, grad_norm, tokens_seen,
+    tokens_per_sec, step_time_ms (training work only: evaluations and checkpoints happen
+    between steps and are timed apart), mfu against hw.peak_flops, epoch (a fraction) and
+    tokens_per_param; and per evaluation val/loss, val/ppl and val/time_ms. At the first
+    setup it prints the run's summary, writes it to run_summary.json and gives it to the
+    loggers.
+    """
+
+    def __init__(self, plan: dict, run_dir: str | None = None, log_every_n_steps: int = 1):
+        self.plan = plan  # static facts of the run, worked out by train.py
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.log_every_n_steps = max(1, log_every_n_steps)
+        self.summary: dict | None = None
+        self.tokens_seen = 0
+        self.train_seconds = 0.0  # measured training time of the timed steps
+        self.timed_steps = 0
+        self.val_seconds: list[float] = []
+        self.last_step = None  # optimizer steps done at the last micro-batch seen
+        self.loss_sum = None  # on the device, so no micro-batch waits for the GPU
+        self.micro_tokens = 0
+        self.step_started = None
+        self.val_started = None
+
+    # --- the summary at start ---------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.summary is not None:
+            return
+        datamodule = trainer.datamodule
+        unique = getattr(datamodule, "unique_train_tokens", None)
+        device = trainer.strategy.root_device
+        self.summary = {
+            **self.plan,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "unique_train_tokens": unique,
+            "unique_train_tokens_estimated": getattr(datamodule, "unique_train_tokens_estimated", False),
+            "planned_epochs": self.plan["planned_tokens"] / unique if unique else None,
+            "data_files": [str(f) for f in getattr(datamodule, "files", [])],
+        }
+        if trainer.is_global_zero:
+            self.report_summary(trainer)
+
+    def report_summary(self, trainer: L.Trainer) -> None:
+        s = self.summary
+        peak = f", peak {s['peak_flops'] / 1e12:.1f} TFLOPS" if s["peak_flops"] else ", peak FLOPS unknown (no MFU)"
+        approx = "~" if s["unique_train_tokens_estimated"] else ""
+        data = (
+            f"{len(s['data_files'])} file(s), {approx}{format_count(s['unique_train_tokens'])} unique training tokens: "
+            f"{s['planned_epochs']:.2f} epochs planned"
+            if s["unique_train_tokens"]
+            else f"{len(s['data_files'])} file(s)"
+        )
+        lines = [
+            f"run folder       {self.run_dir}",
+            f"model            {s['model_name']}: {s['num_params'] / 1e6:.2f}M parameters (nanoGPT count), "
+            f"{s['n_layer']} layers x {s['n_head']} heads x {s['n_embd']}, block {s['block_size']}, "
+            f"dropout {s['dropout']}",
+            f"hardware         {s['hw_name']} ({s['device_name']}), {s['precision']}{peak}",
+            f"batch            {s['tokens_per_step']:,} tokens per optimizer step = micro-batch "
+            f"{s['micro_batch_size']} x block {s['block_size']} x accumulation {s['grad_accum']} x "
+            f"{s['world_size']} device(s)",
+            f"plan             {s['max_steps']:,} steps = {format_count(s['planned_tokens'])} tokens "
+            f"({s['planned_tokens'] / s['chinchilla_tokens']:.2f}x the Chinchilla-optimal "
+            f"{format_count(s['chinchilla_tokens'])} for this size)",
+            f"data             {data}",
+            f"schedule         lr {s['lr']:g} -> {s['min_lr']:g} (cosine), warmup {s['warmup_steps']} steps, "
+            f"weight decay {s['weight_decay']:g}, evaluation every {s['val_every_steps']} steps",
+            f"FLOPs per token  {format_count(s['flops_per_token'])} (6N + 12 L H Q T)",
+        ]
+        log.info("Run summary\n  %s", "\n  ".join(lines))
+        mismatch = size_mismatch(s["model_name"], s["num_params"])
+        if mismatch:
+            log.warning("\n%s\n!!! %s\n%s", "!" * 100, mismatch, "!" * 100)
+        if s["planned_epochs"] and s["planned_epochs"] > 1:
+            log.warning(
+                "The plan repeats the training data %.1f times: after the first epoch expect val loss to "
+                "flatten and then rise; add data (data=multi_shard) or train fewer steps",
+                s["planned_epochs"],
+            )
+        if self.run_dir:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "run_summary.json").write_text(json.dumps(s, indent=2) + "\n")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"run": s})
+
+    # --- per optimizer step ---------------------------------------------------------------
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.last_step = trainer.global_step  # a resumed run starts part way
+        self.loss_sum, self.micro_tokens, self.step_started = None, 0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.step_started is None and self.logs_step(trainer.global_step + 1):
+            self.wait_for_device(pl_module)  # earlier steps' queued GPU work is not this step's
+            self.step_started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Lightning hands over each micro-batch's loss divided by the accumulation, so the
+        # sum over a step's micro-batches is their mean.
+        loss = outputs["loss"].detach()
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.micro_tokens += batch.shape[0] * (batch.shape[1] - 1)
+        step = trainer.global_step
+        if step == self.last_step:  # still accumulating
+            return
+        self.last_step = step
+        strategy = trainer.strategy
+        tokens = int(strategy.reduce(torch.tensor(self.micro_tokens, device=pl_module.device), reduce_op="sum"))
+        self.tokens_seen += tokens
+        mean_loss = strategy.reduce(self.loss_sum, reduce_op="mean")
+        self.loss_sum, self.micro_tokens = None, 0
+        if not self.logs_step(step):
+            return
+
+        metrics = {
+            "train/loss": float(mean_loss),  # waits for the step's work to finish
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_param": self.tokens_seen / self.plan["num_params"],
+        }
+        if getattr(pl_module, "grad_norm", None) is not None:
+            metrics["grad_norm"] = float(pl_module.grad_norm)
+        epochs = getattr(trainer.datamodule, "epochs_seen", None)
+        if epochs is not None:
+            metrics["epoch"] = epochs
+        if self.step_started is not None:
+            seconds = time.perf_counter() - self.step_started
+            self.step_started = None
+            self.train_seconds += seconds
+            self.timed_steps += 1
+            metrics["step_time_ms"] = 1000 * seconds
+            metrics["tokens_per_sec"] = tokens / seconds
+            if self.plan["peak_flops"]:
+                metrics["mfu"] = model_flops_utilization(
+                    self.plan["flops_per_token"], tokens / seconds, self.plan["peak_flops"], trainer.world_size
+                )
+        self.log_metrics(trainer, metrics, step)
+        self.show_in_progress_bar(trainer, pl_module, metrics)
+        if self.timed_steps == 5 and trainer.is_global_zero:
+            log.info(
+                "Measured over 5 steps: %.0f tokens/s%s; estimated time to finish: %s",
+                metrics.get("tokens_per_sec", 0),
+                f", MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "",
+                format_duration(self.seconds_to_finish(trainer)),
+            )
+
+    def logs_step(self, step: int) -> bool:
+        return step % self.log_every_n_steps == 0
+
+    @staticmethod
+    def wait_for_device(pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def seconds_to_finish(self, trainer: L.Trainer) -> float:
+        remaining = max(0, trainer.max_steps - trainer.global_step)
+        per_step = self.train_seconds / max(1, self.timed_steps)
+        per_eval = sum(self.val_seconds) / len(self.val_seconds) if self.val_seconds else 0.0
+        return remaining * per_step + math.ceil(remaining / self.plan["val_every_steps"]) * per_eval
+
+    def show_in_progress_bar(self, trainer, pl_module, metrics: dict) -> None:
+        shown = {"loss": metrics["train/loss"]}
+        if "tokens_per_sec" in metrics:
+            shown["tok/s"] = metrics["tokens_per_sec"]
+        if "mfu" in metrics:
+            shown["mfu"] = metrics["mfu"]
+        for key, value in shown.items():
+            pl_module.log(key, value, prog_bar=True, logger=False, rank_zero_only=True)
+
+    @staticmethod
+    def log_metrics(trainer: L.Trainer, metrics: dict, step: int) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # --- evaluations ----------------------------------------------------------------------
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.wait_for_device(pl_module)
+        self.val_started = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
+            return
+        val_loss = float(trainer.callback_metrics["val/loss"])  # averaged over batches and ranks
+        seconds = time.perf_counter() - self.val_started
+        if trainer.global_step > 0:
+            self.val_seconds.append(seconds)
+        metrics = {
+            "val/loss": val_loss,
+            "val/ppl": math.exp(min(val_loss, 50.0)),
+            "val/time_ms": 1000 * seconds,
+            "tokens_seen": self.tokens_seen,
+        }
+        epochs = getattr(trainer.datamodule, "epochs_seen", None)
+        if epochs is not None:
+            metrics["epoch"] = epochs
+        self.log_metrics(trainer, metrics, trainer.global_step)
+        if trainer.is_global_zero:
+            progress = ""
+            if self.timed_steps:
+                speed = self.plan["tokens_per_step"] * self.timed_steps / self.train_seconds
+                progress = f", {speed:,.0f} tokens/s, {format_duration(self.seconds_to_finish(trainer))} to go"
+            log.info(
+                "step %d/%d: val loss %.4f (ppl %.1f), %s tokens seen%s",
+                trainer.global_step,
+                trainer.max_steps,
+                val_loss,
+                metrics["val/ppl"],
+                format_count(self.tokens_seen),
+                progress,
+            )
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # A resumed run reads this to continue the same W&B run.
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                checkpoint["wandb_run_id"] = logger.version
+
+    def state_dict(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds, "timed_steps": self.timed_steps}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.tokens_seen = state_dict["tokens_seen"]
+        self.train_seconds = state_dict["train_seconds"]
+        self.timed_steps = state_dict["timed_steps"]
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Counts optimizer steps out of max_steps; Lightning's counts micro-batches of an endless epoch."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+        super().on_train_epoch_start(trainer)
+        self.train_progress_bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        self.train_progress_bar.n = trainer.global_step  # a resumed run starts part way
+        self.train_progress_bar.set_description("Training steps")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.train_progress_bar.n != trainer.global_step:
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

@@ -37,6 +37,7 @@ class GPTLightningModule(L.LightningModule):
         # Stored in every checkpoint, so a checkpoint alone can rebuild the model.
         self.save_hyperparameters()
         self.model = GPT(GPTConfig(**model_config))
+        self.grad_norm: torch.Tensor | None = None  # of the last optimizer step, before clipping
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)[0]
@@ -48,20 +49,20 @@ class GPTLightningModule(L.LightningModule):
     def training_step(self, windows: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # windows: (micro_batch, block_size + 1) tokens; targets are the inputs shifted by one.
         _, loss = self.model(windows[:, :-1], windows[:, 1:])
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+        return loss  # logged per optimizer step by callbacks.RunMonitor
 
     def validation_step(self, windows: torch.Tensor, batch_idx: int) -> None:
         _, loss = self.model(windows[:, :-1], windows[:, 1:])
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        # For checkpoint callbacks and the progress bar; RunMonitor writes it to the loggers.
+        self.log("val/loss", loss, prog_bar=True, logger=False, sync_dist=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer even in bf16,
         # where no loss scaling needs undoing, so clip by norm here.
         if gradient_clip_algorithm not in (None, "norm"):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        if gradient_clip_val:
-            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        # With no clipping asked for, an infinite limit still measures the norm for the logs.
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or float("inf"))
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -6,6 +6,7 @@ that reads the whole config; everything below it receives plain arguments.
 
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -14,15 +15,18 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from fineweb_gpt.callbacks import RunMonitor, StepProgressBar, format_count
 from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.flops import chinchilla_tokens, flops_per_token, peak_flops_for
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.model import GPTConfig
 
 log = logging.getLogger("fineweb_gpt")
-
-CHINCHILLA_TOKENS_PER_PARAM = 20
+# Every DDP process runs this script; only the first one reports.
+log.addFilter(lambda record: rank_zero_only.rank == 0)
 
 
 def count_devices(devices, accelerator: str) -> int:
@@ -92,18 +96,73 @@ def planned_steps(cfg: DictConfig, num_params: int) -> int:
     """trainer.max_steps if given, else max_tokens (default: Chinchilla-optimal) in steps."""
     if cfg.trainer.max_steps is not None and cfg.trainer.max_steps > 0:
         return int(cfg.trainer.max_steps)
-    max_tokens = cfg.max_tokens or CHINCHILLA_TOKENS_PER_PARAM * num_params
+    max_tokens = cfg.max_tokens or chinchilla_tokens(num_params)
     return max(1, math.ceil(max_tokens / cfg.total_batch_tokens))
+
+
+def peak_flops(cfg: DictConfig, hw_name: str) -> float | None:
+    """hw.peak_flops, or the table's value for this machine's GPU; warns when they disagree."""
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.hw.accelerator != "cpu" else None
+    detected = peak_flops_for(device_name) if device_name else None
+    configured = cfg.hw.peak_flops
+    if configured and detected and abs(configured - detected) > 0.05 * detected:
+        log.warning(
+            "hw=%s says %.1f TFLOPS but this GPU is a %s (%.1f TFLOPS): MFU will be measured against the "
+            "profile's number; pick the matching hw profile or set hw.peak_flops",
+            hw_name,
+            configured / 1e12,
+            device_name,
+            detected / 1e12,
+        )
+    return configured or detected
+
+
+def wandb_run_id(ckpt_path: str | None) -> str | None:
+    """The W&B run a checkpoint was logging to, so a resumed run continues it."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return None
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("wandb_run_id")
+
+
+def build_loggers(cfg: DictConfig, resume_run_id: str | None) -> list:
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue  # plain settings such as logger.offline
+        extra = {}
+        if node._target_.endswith("WandbLogger"):
+            import wandb
+
+            # Never wait for a login: without one, log offline and say how to upload later.
+            offline = node.offline or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+            if not offline and not wandb.login(prompt=False, verify=False):
+                log.warning("No W&B login found: logging offline; upload later with `wandb sync %s/wandb`", cfg.run_dir)
+                offline = True
+            if offline:  # as an argument: wandb's settings may have been read before WANDB_MODE is set
+                extra.update(offline=True, mode="offline")
+            if resume_run_id:
+                extra["id"] = resume_run_id
+        loggers.append(build(node, **extra))
+    return loggers
+
+
+def finish_wandb_run(trainer: L.Trainer) -> None:
+    """Close this job's W&B run: the next job of a sweep in this process starts its own."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+            logger.experiment.finish()
 
 
 def train(cfg: DictConfig) -> float | None:
     """Run one training job; returns the final validation loss (for sweepers)."""
     choices = cfg_choices()
-    check_config(cfg, choices.get("hw", "?"))
+    hw_name = choices.get("hw", "custom")
+    check_config(cfg, hw_name)
     L.seed_everything(cfg.seed, workers=True)
 
     model_config = GPTConfig(**cfg.model)
-    module = GPTLightningModule(model_config=model_config.to_dict(), **OmegaConf.to_container(cfg.optim))
+    optim = OmegaConf.to_container(cfg.optim)
+    module = GPTLightningModule(model_config=model_config.to_dict(), **optim)
     num_params = module.model.num_params()
 
     world_size = count_devices(cfg.trainer.devices, cfg.trainer.accelerator) * cfg.trainer.num_nodes
@@ -115,12 +174,34 @@ def train(cfg: DictConfig) -> float | None:
         raise ConfigError(
             f"optim.warmup_steps={cfg.optim.warmup_steps} is not below the run's {max_steps} steps; lower it"
         )
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    plan = {
+        "model_name": choices.get("model", "custom"),
+        "num_params": num_params,
+        **model_config.to_dict(),
+        "hw_name": hw_name,
+        "peak_flops": peak_flops(cfg, hw_name),
+        "precision": precision,
+        "micro_batch_size": cfg.hw.micro_batch_size,
+        "grad_accum": accumulation,
+        "world_size": world_size,
+        "tokens_per_step": cfg.total_batch_tokens,
+        "max_steps": max_steps,
+        "planned_tokens": max_steps * cfg.total_batch_tokens,
+        "chinchilla_tokens": chinchilla_tokens(num_params),
+        **{key: optim[key] for key in ("lr", "min_lr", "warmup_steps", "weight_decay")},
+        "val_every_steps": cfg.val_every_steps,
+        "flops_per_token": flops_per_token(
+            num_params, model_config.n_layer, model_config.n_head, model_config.n_embd, model_config.block_size
+        ),
+    }
 
-    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [build(lg) for lg in (cfg.get("logger") or {}).values()]
+    monitor = RunMonitor(plan, run_dir=cfg.run_dir, log_every_n_steps=cfg.trainer.log_every_n_steps or 1)
+    callbacks = [monitor, StepProgressBar()] + [build(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = build_loggers(cfg, wandb_run_id(cfg.ckpt_path))
     trainer: L.Trainer = build(
         cfg.trainer,
-        precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+        precision=precision,
         max_steps=max_steps,
         accumulate_grad_batches=accumulation,
         val_check_interval=cfg.val_every_steps * accumulation,
@@ -132,43 +213,31 @@ def train(cfg: DictConfig) -> float | None:
             f"trainer.devices={cfg.trainer.devices} gave {trainer.world_size} processes, not the {world_size} "
             "the batch was planned for; give trainer.devices as a number"
         )
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
     datamodule = build(cfg.data, block_size=model_config.block_size, micro_batch_size=cfg.hw.micro_batch_size)
 
-    run_dir = Path(cfg.run_dir)
-    tokens_per_step = cfg.total_batch_tokens
-    log.info("Run folder: %s", run_dir)
-    log.info(
-        "Model %s: %.2fM parameters (nanoGPT count, position embeddings excluded)",
-        choices.get("model", "custom"),
-        num_params / 1e6,
-    )
-    log.info(
-        "Batch: %d tokens per optimizer step = micro-batch %d x block %d x accumulation %d x %d device(s)",
-        tokens_per_step,
-        cfg.hw.micro_batch_size,
-        model_config.block_size,
-        accumulation,
-        world_size,
-    )
-    log.info("Plan: %d optimizer steps = %.1fM tokens", max_steps, max_steps * tokens_per_step / 1e6)
-
-    if cfg.ckpt_path is None:
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # the starting val loss, logged at step 0
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    if trainer.global_step % cfg.val_every_steps:
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # the run ended between evaluations
+    try:
+        if cfg.ckpt_path is None:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # the starting val loss, at step 0
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        if trainer.global_step % cfg.val_every_steps:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # the run ended between evaluations
+    finally:
+        finish_wandb_run(trainer)
 
     final_val_loss = float(trainer.callback_metrics["val/loss"]) if "val/loss" in trainer.callback_metrics else None
     checkpoint = next((c for c in trainer.checkpoint_callbacks if c.last_model_path), None)
     log.info(
-        "Finished %d steps. Final val loss: %s",
+        "Finished %d steps, %s tokens. Final val loss: %s",
         trainer.global_step,
+        format_count(monitor.tokens_seen),
         f"{final_val_loss:.4f}" if final_val_loss is not None else "n/a",
     )
     if checkpoint is not None:
         log.info("Checkpoint: %s", checkpoint.last_model_path)
-    log.info("Run folder: %s", run_dir)
+    log.info("Run folder: %s", cfg.run_dir)
     return final_val_loss
 
 

@@ -1,0 +1,67 @@
+"""Parameter counts, FLOPs per token, GPU peak FLOPs and MFU: the numbers users compare.
+
+FLOPs per token follow nanoGPT (after the PaLM paper, appendix B): 6N for the weights'
+forward and backward multiply-adds plus 12 * L * H * Q * T for attention, where N
+excludes position embeddings, L is layers, H heads, Q head size and T the context length.
+"""
+
+import re
+
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+# Dense bf16 peak FLOPS per GPU (GeForce cards: with FP32 accumulate, which is what
+# PyTorch's bf16 matmuls use). nanoGPT divides by an A100's 312e12 whatever the GPU, and
+# Lightning's own table lacks the RTX 4070 and lists GeForce cards at their FP32 rate.
+# First match wins, so longer names come before their prefixes.
+GPU_PEAK_FLOPS = [
+    (r"H100.*PCIe", 756e12),
+    (r"H100|H200|GH200", 989e12),
+    (r"A100", 312e12),
+    (r"RTX 4090", 165.2e12),
+    (r"RTX 4070$", 58.3e12),  # not the Ti, SUPER or Laptop cards
+    (r"RTX 3090", 71e12),
+]
+
+
+def peak_flops_for(device_name: str) -> float | None:
+    """The table's peak for a CUDA device name, or None for a GPU it does not know."""
+    for pattern, peak in GPU_PEAK_FLOPS:
+        if re.search(pattern, device_name):
+            return peak
+    return None
+
+
+def flops_per_token(num_params: int, n_layer: int, n_head: int, n_embd: int, block_size: int) -> int:
+    head_size = n_embd // n_head
+    return 6 * num_params + 12 * n_layer * n_head * head_size * block_size
+
+
+def model_flops_utilization(
+    flops_per_token: float, tokens_per_sec: float, peak_flops: float, world_size: int = 1
+) -> float:
+    """Fraction of the GPUs' peak that the training tokens account for (tokens_per_sec: all GPUs)."""
+    return flops_per_token * tokens_per_sec / (peak_flops * world_size)
+
+
+def chinchilla_tokens(num_params: int) -> int:
+    """Compute-optimal training tokens for this many parameters (Hoffmann et al., 2022)."""
+    return CHINCHILLA_TOKENS_PER_PARAM * num_params
+
+
+def size_in_name(name: str) -> float | None:
+    """The parameter count a name promises: '124m' -> 124e6, 'gpt2-1.5B' -> 1.5e9, 'tiny' -> None."""
+    match = re.search(r"(\d+(?:\.\d+)?)\s*([kmb])(?![a-z])", name.lower())
+    if not match:
+        return None
+    return float(match.group(1)) * {"k": 1e3, "m": 1e6, "b": 1e9}[match.group(2)]
+
+
+def size_mismatch(name: str, num_params: int, tolerance: float = 0.2) -> str | None:
+    """A warning when the name's size and the real count differ by more than `tolerance`."""
+    promised = size_in_name(name)
+    if promised is None or abs(num_params - promised) <= tolerance * promised:
+        return None
+    return (
+        f"model '{name}' promises about {promised / 1e6:.0f}M parameters but has {num_params / 1e6:.2f}M "
+        f"({num_params / promised:.2f}x): check model.n_layer / model.n_embd, or name it for its size"
+    )

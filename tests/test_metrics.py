@@ -1,0 +1,250 @@
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, recorded_batches, run_cli
+from fineweb_gpt.flops import (
+    chinchilla_tokens,
+    flops_per_token,
+    model_flops_utilization,
+    peak_flops_for,
+    size_in_name,
+    size_mismatch,
+)
+from fineweb_gpt.model import GPT, GPTConfig
+from fineweb_gpt.train import train
+
+SMALL = [
+    "hw=cpu",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "hw.micro_batch_size=4",
+    "total_batch_tokens=256",
+    "data.val_tokens=256",
+    "optim.warmup_steps=1",
+]
+PER_STEP = {
+    "train/loss",
+    "lr",
+    "grad_norm",
+    "tokens_seen",
+    "tokens_per_sec",
+    "step_time_ms",
+    "mfu",
+    "epoch",
+    "tokens_per_param",
+}
+PER_EVAL = {"val/loss", "val/ppl", "val/time_ms"}
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(Path(run_dir) / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows, key) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def test_flops_per_token_and_mfu_match_a_hand_calculation():
+    n = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024)).num_params()
+    # By hand: 6N for the weights, 12 * layers * heads * head size * context for attention.
+    by_hand = 6 * n + 12 * 12 * 12 * 64 * 1024
+    assert flops_per_token(n, n_layer=12, n_head=12, n_embd=768, block_size=1024) == by_hand
+    assert by_hand == pytest.approx(854.7e6, rel=1e-3)
+    # 50k tokens/s on an RTX 4070 (58.3 TFLOPS) is 854.7e6 * 5e4 / 58.3e12 = 73.3% MFU...
+    assert model_flops_utilization(by_hand, 50_000, 58.3e12) == pytest.approx(0.733, abs=0.001)
+    # ...and nanoGPT's A100 denominator would call the same run 13.7%.
+    assert model_flops_utilization(by_hand, 50_000, 312e12) == pytest.approx(0.137, abs=0.001)
+    # tokens/s counted over 2 GPUs halves each GPU's share.
+    assert model_flops_utilization(by_hand, 100_000, 58.3e12, world_size=2) == pytest.approx(0.733, abs=0.001)
+    assert chinchilla_tokens(n) == 20 * n
+
+
+@pytest.mark.parametrize(
+    "device, peak",
+    [
+        ("NVIDIA GeForce RTX 4070", 58.3e12),
+        ("NVIDIA GeForce RTX 4070 Ti", None),
+        ("NVIDIA GeForce RTX 4070 Laptop GPU", None),
+        ("NVIDIA GeForce RTX 4090", 165.2e12),
+        ("NVIDIA GeForce RTX 3090", 71e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("Tesla T4", None),
+    ],
+)
+def test_peak_flops_by_gpu_name(device, peak):
+    assert peak_flops_for(device) == peak
+
+
+@pytest.mark.parametrize(
+    "profile, device",
+    [
+        ("rtx3090", "RTX 3090"),
+        ("rtx4070", "RTX 4070"),
+        ("rtx4090", "RTX 4090"),
+        ("a100", "A100"),
+        ("h100", "H100 80GB HBM3"),
+    ],
+)
+def test_hw_profiles_use_the_dense_bf16_peaks(profile, device):
+    hw = OmegaConf.load(CONF_DIR / "hw" / f"{profile}.yaml")
+    assert hw.peak_flops == peak_flops_for(f"NVIDIA GeForce {device}") or hw.peak_flops == peak_flops_for(device)
+    assert hw.precision == "bf16-mixed" and hw.requires_cuda
+
+
+def test_name_and_size_mismatch():
+    assert size_in_name("124m") == 124e6 and size_in_name("gpt2-1.5B") == 1.5e9 and size_in_name("tiny") is None
+    at_384 = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=384)).num_params()
+    warning = size_mismatch("124m", at_384)
+    assert "promises about 124M parameters but has 40.56M" in warning
+    for preset in ("40m", "124m", "tiny"):
+        model = OmegaConf.load(CONF_DIR / "model" / f"{preset}.yaml")
+        assert size_mismatch(preset, GPT(GPTConfig(**model)).num_params()) is None
+
+
+def test_every_metric_per_optimizer_step_with_accumulation(make_config, tmp_path):
+    record = tmp_path / "batches"
+    cfg = make_config(
+        *SMALL,
+        "trainer.max_steps=6",
+        "val_every_steps=3",
+        "hw.peak_flops=1e12",
+        "+callbacks.recorder._target_=conftest.BatchRecorder",
+        f"+callbacks.recorder.path={record}",
+    )
+    train(cfg)
+    rows = read_metrics(cfg.run_dir)
+    assert PER_STEP | PER_EVAL | {"step"} <= set(rows[0])
+
+    steps = [r for r in rows if r["train/loss"]]
+    assert [int(r["step"]) for r in steps] == [1, 2, 3, 4, 5, 6]  # one row per optimizer step, not per micro-batch
+    micro = recorded_batches(record)
+    assert len(micro) == 12  # accumulation: 256 tokens / (4 x 32) = 2 micro-batches per step
+    for step, row in enumerate(steps, start=1):
+        this_step = micro[2 * (step - 1) : 2 * step]
+        losses = [loss for *_, loss in this_step]
+        assert float(row["train/loss"]) == pytest.approx(sum(losses) / 2, rel=1e-5)  # both micro-batches
+        assert abs(losses[0] - losses[1]) > 1e-4  # so the last one alone would not pass
+        consumed = sum(tokens for _, _, tokens, _ in micro[: 2 * step])
+        assert int(row["tokens_seen"]) == consumed == 256 * step
+        assert float(row["tokens_per_param"]) == pytest.approx(
+            consumed / json.loads((Path(cfg.run_dir) / "run_summary.json").read_text())["num_params"]
+        )
+        assert float(row["tokens_per_sec"]) == pytest.approx(256 / (float(row["step_time_ms"]) / 1000), rel=1e-6)
+        assert float(row["mfu"]) > 0 and float(row["grad_norm"]) > 0 and float(row["epoch"]) > 0
+
+    evals = [r for r in rows if r["val/loss"]]
+    assert [int(r["step"]) for r in evals] == [0, 3, 6]
+    for r in evals:
+        assert float(r["val/ppl"]) == pytest.approx(2.718281828 ** float(r["val/loss"]), rel=1e-6)
+    # The learning rate each step used: warmup of 1 step, then cosine down to min_lr at step 6.
+    lrs = column(steps, "lr")
+    assert lrs[0] == pytest.approx(cfg.optim.lr) and lrs == sorted(lrs, reverse=True)
+
+
+def test_summary_is_written_and_printed(make_config, caplog):
+    cfg = make_config(*SMALL, "trainer.max_steps=2")
+    with caplog.at_level(logging.INFO, logger="fineweb_gpt"):
+        train(cfg)
+    summary = json.loads((Path(cfg.run_dir) / "run_summary.json").read_text())
+    assert summary["tokens_per_step"] == 256 and summary["grad_accum"] == 2 and summary["micro_batch_size"] == 4
+    assert summary["planned_tokens"] == 512
+    assert summary["chinchilla_tokens"] == 20 * summary["num_params"]
+    assert summary["planned_epochs"] == pytest.approx(512 / summary["unique_train_tokens"])
+    text = caplog.text
+    assert "Run summary" in text and "256 tokens per optimizer step = micro-batch 4 x block 32 x accumulation 2" in text
+    assert "Chinchilla-optimal" in text
+
+
+def test_name_size_warning_fires_in_a_run(make_config, caplog):
+    overrides = [o for o in SMALL if not o.startswith("model.")] + ["model.block_size=32", "trainer.max_steps=2"]
+    with caplog.at_level(logging.WARNING, logger="fineweb_gpt"):
+        train(make_config("model=124m", "model.n_embd=384", *overrides))
+    assert "model '124m' promises about 124M parameters but has 40.56M" in caplog.text
+
+
+def test_step_time_excludes_a_slow_validation(make_config):
+    cfg = make_config(
+        *SMALL,
+        "trainer.max_steps=6",
+        "val_every_steps=2",
+        "+callbacks.slow._target_=conftest.SlowValidation",
+        "+callbacks.slow.seconds=2.0",
+    )
+    train(cfg)
+    rows = read_metrics(cfg.run_dir)
+    val_ms = column(rows, "val/time_ms")
+    step_ms = column(rows, "step_time_ms")
+    assert len(val_ms) == 4 and min(val_ms) > 4000  # 2 slow batches per evaluation...
+    assert len(step_ms) == 6 and max(step_ms) < 2000  # ...and no step absorbed one
+
+
+def test_wandb_offline_run_keeps_metrics_and_resumes_the_same_run(make_config, tmp_path):
+    def run(max_steps, ckpt_path=None):
+        cfg = make_config(
+            *SMALL,
+            f"trainer.max_steps={max_steps}",
+            "val_every_steps=2",
+            "logger=[csv,wandb]",
+            "logger.offline=true",
+            f"ckpt_path={ckpt_path}" if ckpt_path else "ckpt_path=null",
+        )
+        cfg.run_dir = str(tmp_path / f"run{max_steps}")
+        train(cfg)
+        return Path(cfg.run_dir)
+
+    first = run(4)
+    [wandb_run] = first.glob("wandb/offline-run-*")
+    run_file = next(wandb_run.glob("run-*.wandb"))
+    for _ in range(30):  # W&B's service process may still be writing on a busy machine
+        if run_file.stat().st_size > 1000:
+            break
+        time.sleep(0.5)
+    data = run_file.read_bytes()
+    final_val = column(read_metrics(first), "val/loss")[-1]
+    for key in ("train/loss", "val/loss", "tokens_per_sec", "step_time_ms", "tokens_seen", "grad_norm", "lr"):
+        assert key.encode() in data
+    assert repr(final_val).encode() in data  # the value itself, as W&B stores it
+    run_id = wandb_run.name.rsplit("-", 1)[-1]
+
+    import torch
+
+    checkpoint = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["wandb_run_id"] == run_id
+    resumed = run(6, ckpt_path=first / "checkpoints" / "last.ckpt")
+    [resumed_run] = resumed.glob("wandb/offline-run-*")
+    assert resumed_run.name.endswith(run_id)
+
+
+@pytest.mark.slow
+def test_two_ranks_count_tokens_exactly_and_see_different_data(tmp_path):
+    record = tmp_path / "batches"
+    result = run_cli(
+        *SMALL,
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=4",
+        "val_every_steps=2",
+        "+callbacks.recorder._target_=conftest.BatchRecorder",
+        f"+callbacks.recorder.path={record}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=Path(__file__).parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    micro = recorded_batches(record)
+    assert len(micro) == 8  # 2 ranks x 4 steps x 1 micro-batch: the global batch stays 256 tokens
+    rows = read_metrics(tmp_path / "run")
+    seen = column(rows, "tokens_seen")
+    assert seen[-1] == sum(tokens for *_, tokens, _ in micro) == 4 * 256
+    assert len({digest for _, digest, _, _ in micro}) == 8  # no batch trained twice
+    assert (result.stdout + result.stderr).count("Run summary") == 1  # rank 0 only

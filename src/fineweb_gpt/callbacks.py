@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-from fineweb_gpt.flops import model_flops_utilization, size_mismatch
+from fineweb_gpt.flops import human_count, model_flops_utilization, size_mismatch
 
 log = logging.getLogger("fineweb_gpt")
 
@@ -26,14 +26,6 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-def format_count(n: float) -> str:
-    """12_345 -> '12.3k', 2_471_800_000 -> '2.47B'."""
-    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{suffix}"
-    return f"{n:.0f}"
 
 
 def format_duration(seconds: float) -> str:
@@ -94,7 +86,7 @@ class RunMonitor(L.Callback):
         peak = f", peak {s['peak_flops'] / 1e12:.1f} TFLOPS" if s["peak_flops"] else ", peak FLOPS unknown (no MFU)"
         approx = "~" if s["unique_train_tokens_estimated"] else ""
         data = (
-            f"{len(s['data_files'])} file(s), {approx}{format_count(s['unique_train_tokens'])} unique training tokens: "
+            f"{len(s['data_files'])} file(s), {approx}{human_count(s['unique_train_tokens'])} unique training tokens: "
             f"{s['planned_epochs']:.2f} epochs planned"
             if s["unique_train_tokens"]
             else f"{len(s['data_files'])} file(s)"
@@ -108,13 +100,13 @@ class RunMonitor(L.Callback):
             f"batch            {s['tokens_per_step']:,} tokens per optimizer step = micro-batch "
             f"{s['micro_batch_size']} x block {s['block_size']} x accumulation {s['grad_accum']} x "
             f"{s['world_size']} device(s)",
-            f"plan             {s['max_steps']:,} steps = {format_count(s['planned_tokens'])} tokens "
+            f"plan             {s['max_steps']:,} steps = {human_count(s['planned_tokens'])} tokens "
             f"({s['planned_tokens'] / s['chinchilla_tokens']:.2f}x the Chinchilla-optimal "
-            f"{format_count(s['chinchilla_tokens'])} for this size)",
+            f"{human_count(s['chinchilla_tokens'])} for this size)",
             f"data             {data}",
             f"schedule         lr {s['lr']:g} -> {s['min_lr']:g} (cosine), warmup {s['warmup_steps']} steps, "
             f"weight decay {s['weight_decay']:g}, evaluation every {s['val_every_steps']} steps",
-            f"FLOPs per token  {format_count(s['flops_per_token'])} (6N + 12 L H Q T)",
+            f"FLOPs per token  {human_count(s['flops_per_token'])} (6N + 12 L H Q T)",
         ]
         log.info("Run summary\n  %s", "\n  ".join(lines))
         mismatch = size_mismatch(s["model_name"], s["num_params"])
@@ -255,7 +247,7 @@ class RunMonitor(L.Callback):
                 trainer.max_steps,
                 val_loss,
                 metrics["val/ppl"],
-                format_count(self.tokens_seen),
+                human_count(self.tokens_seen),
                 progress,
             )
 

@@ -6,8 +6,15 @@ excludes position embeddings, L is layers, H heads, Q head size and T the contex
 """
 
 import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from omegaconf import OmegaConf
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
+PADDED_VOCAB_SIZE = 50304
+HW_PROFILES = Path(__file__).parent / "conf" / "hw"
 
 # Dense bf16 peak FLOPS per GPU (GeForce cards: with FP32 accumulate, which is what
 # PyTorch's bf16 matmuls use). nanoGPT divides by an A100's 312e12 whatever the GPU, and
@@ -23,12 +30,47 @@ GPU_PEAK_FLOPS = [
 ]
 
 
+@dataclass(frozen=True)
+class GPU:
+    peak_flops: float  # dense bf16 tensor FLOPS (FP32 accumulate on GeForce cards)
+    memory_gb: float
+
+
+@cache
+def gpu_profiles() -> dict[str, GPU]:
+    """The GPUs of the hw= profiles (conf/hw/*.yaml), by profile name: one source for both."""
+    profiles = {}
+    for path in sorted(HW_PROFILES.glob("*.yaml")):
+        hw = OmegaConf.load(path)
+        if hw.get("requires_cuda") and hw.get("peak_flops") and hw.get("memory_gb"):
+            profiles[path.stem] = GPU(float(hw.peak_flops), float(hw.memory_gb))
+    return profiles
+
+
 def peak_flops_for(device_name: str) -> float | None:
     """The table's peak for a CUDA device name, or None for a GPU it does not know."""
     for pattern, peak in GPU_PEAK_FLOPS:
         if re.search(pattern, device_name):
             return peak
     return None
+
+
+def param_count(n_layer: int, n_embd: int, vocab_size: int = PADDED_VOCAB_SIZE, bias: bool = False) -> int:
+    """Parameters by nanoGPT's count (tied embedding once, no position embeddings), from the shape.
+
+    Per block: attention's 4·d² and the MLP's 8·d² weights, two LayerNorm gains (2·d),
+    and with bias 11·d Linear and LayerNorm biases; then the final LayerNorm.
+    """
+    per_block = 12 * n_embd**2 + 2 * n_embd + (11 * n_embd if bias else 0)
+    return vocab_size * n_embd + n_layer * per_block + n_embd * (2 if bias else 1)
+
+
+def human_count(n: float) -> str:
+    """123.59M, 4.92B, 491.52K: how parameter and token counts are written."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
 
 
 def flops_per_token(num_params: int, n_layer: int, n_head: int, n_embd: int, block_size: int) -> int:

@@ -3,10 +3,13 @@
 Pre-LayerNorm transformer blocks, a 4x GELU MLP, learned position embeddings, the token
 embedding tied to the output head, and attention through PyTorch's
 scaled_dot_product_attention (flash or memory-efficient kernels where available).
+Generation keeps each layer's keys and values in a KVCache, so a new token does not
+recompute the whole prefix.
 """
 
 import math
 from dataclasses import asdict, dataclass
+from itertools import repeat
 
 import torch
 from torch import nn
@@ -48,6 +51,30 @@ class GPTConfig:
         return asdict(self)
 
 
+class KVCache:
+    """One attention layer's keys and values for the positions generated so far.
+
+    The buffers hold block_size positions and are allocated at the first call, in the dtype
+    and on the device of the keys they receive (so autocast works too).
+    """
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.length = 0  # positions cached so far
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (batch, n_head, seq, head_size) keys and values; return those of every cached position."""
+        if self.keys is None:
+            shape = (k.size(0), k.size(1), self.block_size, k.size(3))
+            self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
+        start, self.length = self.length, self.length + k.size(2)
+        self.keys[:, :, start : self.length] = k
+        self.values[:, :, start : self.length] = v
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -57,11 +84,20 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, width = x.shape
         # (batch, seq, 3 * width) -> three (batch, n_head, seq, head_size) tensors
         q, k, v = self.qkv(x).view(batch, seq, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        if cache is None:
+            dropout_p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            past = cache.length
+            k, v = cache.extend(k, v)
+            # The new queries come after `past` cached positions: each sees all of those and
+            # the new positions up to its own (is_causal would align the mask to the first key).
+            visible = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         y = y.transpose(1, 2).reshape(batch, seq, width)
         return self.resid_dropout(self.out_proj(y))
 
@@ -85,8 +121,8 @@ class Block(nn.Module):
         self.ln_mlp = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x), cache)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -128,15 +164,57 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx: (batch, seq) token ids. Returns (logits, loss); loss is None without targets."""
-        seq = idx.shape[1]
-        if seq > self.config.block_size:
-            raise ValueError(f"sequence of {seq} tokens is longer than model.block_size={self.config.block_size}")
-        positions = torch.arange(seq, device=idx.device)
-        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.lm_head(self.ln_final(x))
+        logits = self.lm_head(self.hidden_states(idx))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """The final LayerNorm's output, (batch, seq, n_embd), which the head turns into logits.
+
+        With caches (one KVCache per block), idx continues the positions already cached.
+        """
+        past = caches[0].length if caches else 0
+        end = past + idx.shape[1]
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} tokens is longer than model.block_size={self.config.block_size}")
+        positions = torch.arange(past, end, device=idx.device)
+        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        for block, cache in zip(self.blocks, caches or repeat(None)):
+            x = block(x, cache)
+        return self.ln_final(x)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to each row of idx (batch, seq); call .eval() first.
+
+        With use_cache, each step runs only the newest token through the model. Once the
+        context outgrows block_size it is cropped to its last block_size tokens, as nanoGPT
+        does; positions are learned and absolute, so the cropped window's keys all change and
+        the cache is rebuilt (from then on each token costs a full forward, as without it).
+        """
+        caches = None
+        for _ in range(max_new_tokens):
+            if caches is not None and idx.size(1) <= self.config.block_size:
+                hidden = self.hidden_states(idx[:, -1:], caches)
+            else:
+                caches = [KVCache(self.config.block_size) for _ in self.blocks] if use_cache else None
+                hidden = self.hidden_states(idx[:, -self.config.block_size :], caches)
+            logits = self.lm_head(hidden[:, -1]).float() / temperature
+            if self.config.vocab_size > GPT2_VOCAB_SIZE:
+                logits[:, GPT2_VOCAB_SIZE:] = -math.inf  # padding rows: no token to decode
+            if top_k is not None:
+                kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth_largest, -math.inf)
+            next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx

@@ -18,9 +18,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from fineweb_gpt.callbacks import RunMonitor, StepProgressBar, format_count
+from fineweb_gpt.callbacks import RunMonitor, StepProgressBar
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.flops import chinchilla_tokens, flops_per_token, peak_flops_for
+from fineweb_gpt.flops import chinchilla_tokens, flops_per_token, human_count, peak_flops_for
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.model import GPTConfig
 
@@ -232,7 +232,7 @@ def train(cfg: DictConfig) -> float | None:
     log.info(
         "Finished %d steps, %s tokens. Final val loss: %s",
         trainer.global_step,
-        format_count(monitor.tokens_seen),
+        human_count(monitor.tokens_seen),
         f"{final_val_loss:.4f}" if final_val_loss is not None else "n/a",
     )
     if checkpoint is not None:

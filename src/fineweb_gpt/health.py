@@ -1,0 +1,44 @@
+"""RunHealthMonitor: the doctor's checks during training, each problem warned about once."""
+
+import logging
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from fineweb_gpt.diagnose import Finding, RunRecord, diagnose
+
+log = logging.getLogger("fineweb_gpt")
+
+
+class RunHealthMonitor(L.Callback):
+    """Warns (logger "fineweb_gpt") when a problem the doctor would report first appears.
+
+    Give it the run summary (run_summary.json's keys) and feed it the metric rows as they
+    are logged, per optimizer step and per evaluation, through observe(). The checks run
+    when training starts (size, planned tokens and epochs need no metrics) and whenever an
+    observed row carries val/loss, so they see each evaluation whatever order callbacks run in.
+    """
+
+    def __init__(self, summary: dict):
+        self.run = RunRecord(dict(summary))
+        self.warned: set[str] = set()
+
+    def observe(self, row: dict) -> list[Finding]:
+        """Record one metrics row; after an evaluation's row, return the problems new since the last check."""
+        self.run.rows.append(dict(row))
+        return self.check() if "val/loss" in row else []
+
+    def check(self) -> list[Finding]:
+        """Problems not warned about before; each is logged once."""
+        new = [f for f in diagnose(self.run) if f.problem and f.check not in self.warned]
+        for finding in new:
+            self.warned.add(finding.check)
+            self._warn(finding)
+        return new
+
+    @rank_zero_only
+    def _warn(self, finding: Finding) -> None:
+        log.warning("Run health: %s. %s. Fix: %s", finding.title, finding.evidence, finding.fix or "see the doctor")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check()

@@ -1,0 +1,47 @@
+import logging
+
+from doctor_fixtures import CHINCHILLA_STEPS_40M, TOKENS_PER_STEP, metric_rows, power_law, run_summary
+from fineweb_gpt.health import RunHealthMonitor
+
+RUN_TOKENS = CHINCHILLA_STEPS_40M * TOKENS_PER_STEP
+
+
+def overfitting_after_half(tokens: float) -> float:
+    return power_law(tokens) + 1.5 * max(0.0, tokens / RUN_TOKENS - 0.5) ** 2
+
+
+def warnings_logged(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "fineweb_gpt" and r.levelno == logging.WARNING]
+
+
+def test_each_problem_is_warned_once_when_it_first_appears(caplog):
+    summary = run_summary(model_name="124m")  # a 40.56M model named 124m: wrong from the start
+    monitor = RunHealthMonitor(summary)
+    caplog.set_level(logging.WARNING, logger="fineweb_gpt")
+
+    monitor.on_train_start(trainer=None, pl_module=None)
+    assert [m.split(".")[0] for m in warnings_logged(caplog)] == ["Run health: Model size does not match its name"]
+
+    first_overfit_eval = None
+    for row in metric_rows(summary, val_loss=overfitting_after_half, noise=0.0):
+        new = monitor.observe(row)
+        if any(f.check == "overfitting" for f in new):
+            first_overfit_eval = row["step"]
+    messages = warnings_logged(caplog)
+    assert len(messages) == 2 and "Overfitting since step" in messages[1]
+    assert first_overfit_eval is not None and first_overfit_eval < CHINCHILLA_STEPS_40M
+
+    # Later evaluations, and a check at the end, repeat nothing.
+    monitor.observe({"step": CHINCHILLA_STEPS_40M, "val/loss": 9.0, "tokens_seen": RUN_TOKENS})
+    assert monitor.check() == []
+    assert len(warnings_logged(caplog)) == 2
+
+
+def test_healthy_run_warns_nothing(caplog):
+    summary = run_summary()
+    monitor = RunHealthMonitor(summary)
+    caplog.set_level(logging.WARNING, logger="fineweb_gpt")
+    monitor.on_train_start(trainer=None, pl_module=None)
+    for row in metric_rows(summary):
+        monitor.observe(row)
+    assert warnings_logged(caplog) == []

@@ -1,7 +1,7 @@
 import logging
 
 from doctor_fixtures import CHINCHILLA_STEPS_40M, TOKENS_PER_STEP, metric_rows, power_law, run_summary
-from fineweb_gpt.health import RunHealthMonitor
+from fineweb_gpt.health import RunHealth
 
 RUN_TOKENS = CHINCHILLA_STEPS_40M * TOKENS_PER_STEP
 
@@ -16,10 +16,10 @@ def warnings_logged(caplog) -> list[str]:
 
 def test_each_problem_is_warned_once_when_it_first_appears(caplog):
     summary = run_summary(model_name="124m")  # a 40.56M model named 124m: wrong from the start
-    monitor = RunHealthMonitor(summary)
+    monitor = RunHealth(summary)
     caplog.set_level(logging.WARNING, logger="fineweb_gpt")
 
-    monitor.on_train_start(trainer=None, pl_module=None)
+    monitor.check()  # as RunMonitor does when training starts
     assert [m.split(".")[0] for m in warnings_logged(caplog)] == ["Run health: Model size does not match its name"]
 
     first_overfit_eval = None
@@ -39,9 +39,9 @@ def test_each_problem_is_warned_once_when_it_first_appears(caplog):
 
 def test_healthy_run_warns_nothing(caplog):
     summary = run_summary()
-    monitor = RunHealthMonitor(summary)
+    monitor = RunHealth(summary)
     caplog.set_level(logging.WARNING, logger="fineweb_gpt")
-    monitor.on_train_start(trainer=None, pl_module=None)
+    monitor.check()  # as RunMonitor does when training starts
     for row in metric_rows(summary):
         monitor.observe(row)
     assert warnings_logged(caplog) == []

@@ -248,3 +248,28 @@ def test_two_ranks_count_tokens_exactly_and_see_different_data(tmp_path):
     assert seen[-1] == sum(tokens for *_, tokens, _ in micro) == 4 * 256
     assert len({digest for _, digest, _, _ in micro}) == 8  # no batch trained twice
     assert (result.stdout + result.stderr).count("Run summary") == 1  # rank 0 only
+
+
+def test_health_problems_are_warned_once_in_the_log_and_the_logger(make_config, tmp_path, caplog):
+    import pyarrow.parquet as pq
+
+    from fineweb_gpt.data import bundled_sample_path
+
+    few_docs = tmp_path / "few.parquet"
+    pq.write_table(pq.read_table(bundled_sample_path()).slice(0, 8), few_docs)
+    cfg = make_config(
+        *SMALL,
+        "data=single_parquet",
+        f"data.path={few_docs}",
+        "data.val_fraction=0.3",
+        "trainer.max_steps=60",
+        "val_every_steps=20",
+    )
+    with caplog.at_level(logging.WARNING, logger="fineweb_gpt"):
+        train(cfg)
+    summary = json.loads((Path(cfg.run_dir) / "run_summary.json").read_text())
+    assert summary["planned_epochs"] > 1
+    repeated = [r for r in caplog.records if r.getMessage().startswith("Run health: Repeated data")]
+    assert len(repeated) == 1  # warned once, not at every evaluation
+    flagged = [r for r in read_metrics(cfg.run_dir) if r.get("health/epochs")]
+    assert len(flagged) == 1 and int(flagged[0]["step"]) == 0

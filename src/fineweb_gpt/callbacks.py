@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from fineweb_gpt.flops import human_count, model_flops_utilization, size_mismatch
+from fineweb_gpt.health import RunHealth
 
 log = logging.getLogger("fineweb_gpt")
 
@@ -78,10 +79,11 @@ class RunMonitor(L.Callback):
             "planned_epochs": self.plan["planned_tokens"] / unique if unique else None,
             "data_files": [str(f) for f in getattr(datamodule, "files", [])],
         }
-        if trainer.is_global_zero:
-            self.report_summary(trainer)
+        loud = self.report_summary(trainer) if trainer.is_global_zero else set()
+        self.health = RunHealth(self.summary, already_warned=loud)
 
-    def report_summary(self, trainer: L.Trainer) -> None:
+    def report_summary(self, trainer: L.Trainer) -> set[str]:
+        """Print, save and log the summary; returns the health checks it already warned about."""
         s = self.summary
         peak = f", peak {s['peak_flops'] / 1e12:.1f} TFLOPS" if s["peak_flops"] else ", peak FLOPS unknown (no MFU)"
         approx = "~" if s["unique_train_tokens_estimated"] else ""
@@ -109,26 +111,23 @@ class RunMonitor(L.Callback):
             f"FLOPs per token  {human_count(s['flops_per_token'])} (6N + 12 L H Q T)",
         ]
         log.info("Run summary\n  %s", "\n  ".join(lines))
-        mismatch = size_mismatch(s["model_name"], s["num_params"])
-        if mismatch:
-            log.warning("\n%s\n!!! %s\n%s", "!" * 100, mismatch, "!" * 100)
-        if s["planned_epochs"] and s["planned_epochs"] > 1:
-            log.warning(
-                "The plan repeats the training data %.1f times: after the first epoch expect val loss to "
-                "flatten and then rise; add data (data=multi_shard) or train fewer steps",
-                s["planned_epochs"],
-            )
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "run_summary.json").write_text(json.dumps(s, indent=2) + "\n")
         for logger in trainer.loggers:
             logger.log_hyperparams({"run": s})
+        mismatch = size_mismatch(s["model_name"], s["num_params"])
+        if mismatch:  # the commonest silent mistake gets a banner
+            log.warning("\n%s\n!!! %s\n%s", "!" * 100, mismatch, "!" * 100)
+            return {"model_size"}
+        return set()
 
     # --- per optimizer step ---------------------------------------------------------------
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.last_step = trainer.global_step  # a resumed run starts part way
         self.loss_sum, self.micro_tokens, self.step_started = None, 0, None
+        self.record_health(trainer, self.health.check(), trainer.global_step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.step_started is None and self.logs_step(trainer.global_step + 1):
@@ -208,10 +207,17 @@ class RunMonitor(L.Callback):
         for key, value in shown.items():
             pl_module.log(key, value, prog_bar=True, logger=False, rank_zero_only=True)
 
-    @staticmethod
-    def log_metrics(trainer: L.Trainer, metrics: dict, step: int) -> None:
+    def log_metrics(self, trainer: L.Trainer, metrics: dict, step: int) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+        self.record_health(trainer, self.health.observe({"step": step, **metrics}), step)
+
+    @staticmethod
+    def record_health(trainer: L.Trainer, findings: list, step: int) -> None:
+        """A problem the doctor would report also lands in the loggers, at the step it appeared."""
+        if findings:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"health/{finding.check}": 1.0 for finding in findings}, step=step)
 
     # --- evaluations ----------------------------------------------------------------------
 

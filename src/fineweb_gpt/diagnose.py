@@ -4,7 +4,7 @@ A run is a plain record: a summary (run_summary.json's keys) and rows of metrics
 per logged optimizer step or evaluation holding only the columns that row has. It comes
 from a fineweb_gpt run folder or from a nanoGPT console log (parse_nanogpt_log). Every check
 is a pure function of the record that returns a Finding or None, so the doctor command line
-and the RunHealthMonitor callback (during training) run the same checks.
+and training (health.RunHealth, driven by callbacks.RunMonitor) run the same checks.
 """
 
 import ast
@@ -228,8 +228,8 @@ def check_token_budget(run: RunRecord) -> Finding | None:
 def check_epochs(run: RunRecord) -> Finding | None:
     """Tokens seen against the unique tokens in the training data; repeats stall the loss."""
     unique, epochs = run.get("unique_train_tokens"), run.epochs
-    if not run.tokens_seen:
-        return None
+    if not run.tokens_seen and not run.planned_tokens:
+        return None  # nothing trained and no plan: nothing to judge yet
     if epochs is None:
         return Finding(
             "epochs",

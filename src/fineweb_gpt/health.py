@@ -1,8 +1,7 @@
-"""RunHealthMonitor: the doctor's checks during training, each problem warned about once."""
+"""The doctor's checks during training: each problem warned about once, when it first appears."""
 
 import logging
 
-import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from fineweb_gpt.diagnose import Finding, RunRecord, diagnose
@@ -10,18 +9,18 @@ from fineweb_gpt.diagnose import Finding, RunRecord, diagnose
 log = logging.getLogger("fineweb_gpt")
 
 
-class RunHealthMonitor(L.Callback):
+class RunHealth:
     """Warns (logger "fineweb_gpt") when a problem the doctor would report first appears.
 
     Give it the run summary (run_summary.json's keys) and feed it the metric rows as they
-    are logged, per optimizer step and per evaluation, through observe(). The checks run
-    when training starts (size, planned tokens and epochs need no metrics) and whenever an
-    observed row carries val/loss, so they see each evaluation whatever order callbacks run in.
+    are logged, per optimizer step and per evaluation, through observe(). callbacks.RunMonitor
+    does both, checks once when training starts (size, planned tokens and epochs need no
+    metrics) and the checks run again whenever an observed row carries val/loss.
     """
 
-    def __init__(self, summary: dict):
+    def __init__(self, summary: dict, already_warned: set[str] | None = None):
         self.run = RunRecord(dict(summary))
-        self.warned: set[str] = set()
+        self.warned: set[str] = set(already_warned or ())
 
     def observe(self, row: dict) -> list[Finding]:
         """Record one metrics row; after an evaluation's row, return the problems new since the last check."""
@@ -39,6 +38,3 @@ class RunHealthMonitor(L.Callback):
     @rank_zero_only
     def _warn(self, finding: Finding) -> None:
         log.warning("Run health: %s. %s. Fix: %s", finding.title, finding.evidence, finding.fix or "see the doctor")
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.check()

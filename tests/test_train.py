@@ -171,14 +171,36 @@ def test_derived_trainer_arguments_are_refused(make_config):
 
 
 def test_gradients_are_clipped_to_the_trainer_norm():
+    import lightning as L
+
     from fineweb_gpt.lit_module import GPTLightningModule
 
-    module = GPTLightningModule(model_config=dict(block_size=8, n_layer=1, n_head=1, n_embd=16))
-    for p in module.parameters():
-        p.grad = torch.full_like(p, 10.0)
-    module.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in module.parameters()]))
-    assert total.item() == pytest.approx(1.0, rel=1e-3)  # from about 9000
+    torch.manual_seed(0)
+    module = GPTLightningModule(model_config=dict(block_size=8, n_layer=1, n_head=1, n_embd=16), lr=1e-3)
+    norms_at_step = []
+
+    class NormAtStep(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            def record(optimizer, args, kwargs):
+                grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+                norms_at_step.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+            trainer.optimizers[0].register_step_post_hook(record)  # grads are clipped in place
+
+    trainer = L.Trainer(
+        max_steps=3,
+        gradient_clip_val=0.05,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[NormAtStep()],
+    )
+    windows = torch.randint(0, 50257, (12, 9))
+    trainer.fit(module, torch.utils.data.DataLoader(windows, batch_size=4))
+    assert module.grad_norm.item() > 0.05  # the norm before clipping is what gets logged...
+    assert norms_at_step == [pytest.approx(0.05, rel=1e-3)] * 3  # ...and the optimizer sees the clipped one
 
 
 def test_resumed_run_trains_on_the_same_batches_as_an_uninterrupted_one(make_config, tmp_path):

@@ -3,7 +3,12 @@
 import json
 import logging
 import math
+import os
+import signal
+import subprocess
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -17,16 +22,82 @@ log = logging.getLogger("fineweb_gpt")
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose last.ckpt always holds the final step.
+    """ModelCheckpoint for step-budgeted runs that may be killed or preempted.
 
-    Lightning saves last.ckpt at the end of training only if it never saved one, so a run
-    whose max_steps is not a multiple of every_n_train_steps would end with a stale file.
+    Saves every `every_n_train_steps` steps and every `every_n_minutes` minutes (Lightning
+    refuses the two together, though its saving logic handles both), at the end of
+    training (Lightning saves then only if it never saved), and when SIGTERM or SIGUSR1
+    (SLURM's warning before the time limit) arrives: at the end of the current optimizer
+    step it saves and stops the run, and on SIGUSR1 under SLURM it requeues the job.
+    Lightning writes each file to a temporary name and renames it, and last.ckpt is
+    switched to the newest file by an atomic rename, so a kill never leaves it half written.
     """
 
+    def __init__(self, every_n_minutes: float | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if every_n_minutes:
+            self._train_time_interval = timedelta(minutes=every_n_minutes)
+        self.signal_received: int | None = None
+        self.stopped_by_signal: str | None = None
+        self._steps_seen = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._steps_seen = trainer.global_step
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(signum, self._remember_signal)  # Lightning restores its own after fit
+
+    def _remember_signal(self, signum: int, frame) -> None:
+        self.signal_received = signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == self._steps_seen:
+            return  # still accumulating: stop only between optimizer steps
+        self._steps_seen = trainer.global_step
+        # Every rank stops at the same step, whichever of them got the signal.
+        if not trainer.strategy.reduce_boolean_decision(self.signal_received is not None, all=False):
+            return
+        self.stopped_by_signal = signal.Signals(self.signal_received or signal.SIGTERM).name
+        self.save_now(trainer)
+        trainer.should_stop = True
+        if self.signal_received == signal.SIGUSR1 and "SLURM_JOB_ID" in os.environ and trainer.is_global_zero:
+            requeue_slurm_job()
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self.save_now(trainer)
+
+    def save_now(self, trainer: L.Trainer) -> None:
+        """Save this step's checkpoint (and point last.ckpt at it) unless it is already saved."""
+        if self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        # Lightning removes the old link and then creates the new one: a kill in between
+        # would leave no last.ckpt. Make the new link under another name and rename it over.
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            temporary = f"{linkpath}.{os.getpid()}.tmp"
+            if os.path.lexists(temporary):
+                os.remove(temporary)
+            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), temporary)
+            os.replace(temporary, linkpath)
+        trainer.strategy.barrier()
+
+
+def requeue_slurm_job() -> None:
+    """Put this SLURM job back in the queue, as Lightning's own SLURM handler does."""
+    job = os.environ["SLURM_JOB_ID"]
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        log.info("Requeued SLURM job %s", job)
+    else:
+        log.warning("Could not requeue SLURM job %s: %s", job, result.stderr.strip())
 
 
 def format_duration(seconds: float) -> str:
@@ -58,7 +129,6 @@ class RunMonitor(L.Callback):
         self.timed_steps = 0
         self.val_seconds: list[float] = []
         self.last_step = None  # optimizer steps done at the last micro-batch seen
-        self.loss_sum = None  # on the device, so no micro-batch waits for the GPU
         self.micro_tokens = 0
         self.step_started = None
         self.val_started = None
@@ -126,7 +196,7 @@ class RunMonitor(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.last_step = trainer.global_step  # a resumed run starts part way
-        self.loss_sum, self.micro_tokens, self.step_started = None, 0, None
+        self.micro_tokens, self.step_started = 0, None
         self.record_health(trainer, self.health.check(), trainer.global_step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -135,10 +205,6 @@ class RunMonitor(L.Callback):
             self.step_started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Lightning hands over each micro-batch's loss divided by the accumulation, so the
-        # sum over a step's micro-batches is their mean.
-        loss = outputs["loss"].detach()
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.micro_tokens += batch.shape[0] * (batch.shape[1] - 1)
         step = trainer.global_step
         if step == self.last_step:  # still accumulating
@@ -147,8 +213,8 @@ class RunMonitor(L.Callback):
         strategy = trainer.strategy
         tokens = int(strategy.reduce(torch.tensor(self.micro_tokens, device=pl_module.device), reduce_op="sum"))
         self.tokens_seen += tokens
-        mean_loss = strategy.reduce(self.loss_sum, reduce_op="mean")
-        self.loss_sum, self.micro_tokens = None, 0
+        mean_loss = strategy.reduce(pl_module.step_loss, reduce_op="mean")  # its micro-batches, all ranks
+        self.micro_tokens = 0
         if not self.logs_step(step):
             return
 

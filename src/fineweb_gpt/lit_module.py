@@ -1,10 +1,14 @@
 """Training and validation steps, optimizer and learning-rate schedule for the GPT."""
 
+import logging
 import math
+import statistics
+from collections import deque
 
 import lightning as L
 import torch
 
+from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.model import GPT, GPTConfig
 from fineweb_gpt.tokenizer import END_OF_TEXT_ID, GPT2_RANKS_SHA256
 
@@ -22,6 +26,33 @@ def learning_rate(step: int, lr: float, min_lr: float, warmup_steps: int, decay_
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+log = logging.getLogger("fineweb_gpt")
+
+
+class LossGuard:
+    """Judges each optimizer step's loss: a non-finite one always stops the run; a spike above
+    spike_factor x the median of the last `window` steps skips the step or stops, as asked."""
+
+    def __init__(self, spike_factor: float | None = None, action: str = "stop", window: int = 50):
+        if action not in ("stop", "skip"):
+            raise ConfigError(f"loss_guard.action={action!r} must be 'stop' or 'skip'")
+        self.spike_factor = spike_factor
+        self.action = action
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def verdict(self, loss: float) -> str | None:
+        """None to go on, else 'nonfinite', 'skip' or 'stop'."""
+        if not math.isfinite(loss):
+            return "nonfinite"
+        spike = (
+            self.spike_factor is not None
+            and len(self.recent) >= 10
+            and loss > self.spike_factor * statistics.median(self.recent)
+        )
+        self.recent.append(loss)  # spikes too, so a lasting shift in level stops counting as one
+        return self.action if spike else None
+
+
 class GPTLightningModule(L.LightningModule):
     def __init__(
         self,
@@ -32,12 +63,19 @@ class GPTLightningModule(L.LightningModule):
         warmup_steps: int = 200,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
+        spike_factor: float | None = None,
+        spike_action: str = "stop",
     ):
         super().__init__()
         # Stored in every checkpoint, so a checkpoint alone can rebuild the model.
         self.save_hyperparameters()
         self.model = GPT(GPTConfig(**model_config))
-        self.grad_norm: torch.Tensor | None = None  # of the last optimizer step, before clipping
+        self.guard = LossGuard(spike_factor, spike_action)
+        # Of the last optimizer step: mean loss over its micro-batches, gradient norm before clipping.
+        self.step_loss: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | None = None
+        self._loss_sum: torch.Tensor | None = None
+        self._micro_batches = 0
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)[0]
@@ -45,10 +83,24 @@ class GPTLightningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # With the model config in hyper_parameters, this makes a checkpoint self-contained.
         checkpoint["tokenizer"] = {"name": "gpt2", "ranks_sha256": GPT2_RANKS_SHA256, "end_of_text_id": END_OF_TEXT_ID}
+        # Dropout draws from these: a resumed run continues the same random streams.
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            if states["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
     def training_step(self, windows: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # windows: (micro_batch, block_size + 1) tokens; targets are the inputs shifted by one.
         _, loss = self.model(windows[:, :-1], windows[:, 1:])
+        self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
+        self._micro_batches += 1
         return loss  # logged per optimizer step by callbacks.RunMonitor
 
     def validation_step(self, windows: torch.Tensor, batch_idx: int) -> None:
@@ -59,10 +111,37 @@ class GPTLightningModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer even in bf16,
         # where no loss scaling needs undoing, so clip by norm here.
+        # Called once per optimizer step, after the last micro-batch's backward.
+        self.step_loss, self._loss_sum, self._micro_batches = self._loss_sum / self._micro_batches, None, 0
         if gradient_clip_algorithm not in (None, "norm"):
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        # With no clipping asked for, an infinite limit still measures the norm for the logs.
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or float("inf"))
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        else:
+            # With no clipping asked for, an infinite limit still measures the norm for the logs.
+            limit = gradient_clip_val or float("inf")
+            sharded = getattr(self.trainer.model, "clip_grad_norm_", None)  # FSDP: the norm over every shard
+            self.grad_norm = sharded(limit) if sharded else torch.nn.utils.clip_grad_norm_(self.parameters(), limit)
+        self.judge_step(optimizer)
+
+    def judge_step(self, optimizer) -> None:
+        """Stop before a non-finite loss reaches the weights; skip or stop on a spike if asked."""
+        loss = float(self.step_loss)  # one wait for the GPU per optimizer step, at its end
+        verdict = self.guard.verdict(loss)
+        if verdict is None:
+            return
+        step, lr = self.trainer.global_step + 1, optimizer.param_groups[0]["lr"]
+        checkpoint = self.trainer.checkpoint_callback.last_model_path if self.trainer.checkpoint_callback else ""
+        kept = f"the last good checkpoint, {checkpoint}, is untouched" if checkpoint else "no checkpoint was saved yet"
+        if verdict == "skip":
+            log.warning("Skipped step %d: loss %.4f is a spike (lr %.2e); its update is not applied", step, loss, lr)
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # AdamW leaves parameters without gradients alone
+            return
+        what = f"train loss is {loss}" if verdict == "nonfinite" else f"train loss spiked to {loss:.4f}"
+        raise ConfigError(
+            f"{what} at step {step} (lr {lr:.2e}); stopped before updating the weights, and {kept}: "
+            "lower optim.lr or raise optim.warmup_steps, then resume from that checkpoint with ckpt_path=..."
+        )
 
     def configure_optimizers(self):
         hp = self.hparams

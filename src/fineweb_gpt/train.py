@@ -7,6 +7,7 @@ that reads the whole config; everything below it receives plain arguments.
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from fineweb_gpt.callbacks import RunMonitor, StepProgressBar
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.flops import chinchilla_tokens, flops_per_token, human_count, peak_flops_for
 from fineweb_gpt.lit_module import GPTLightningModule
-from fineweb_gpt.model import GPTConfig
+from fineweb_gpt.model import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
 
 log = logging.getLogger("fineweb_gpt")
+CONF_DIR = Path(__file__).parent / "conf"
 # Every DDP process runs this script; only the first one reports.
 log.addFilter(lambda record: rank_zero_only.rank == 0)
 
@@ -88,8 +90,77 @@ def check_config(cfg: DictConfig, hw_name: str) -> None:
     ):
         if cfg.trainer.get(derived) is not None:
             raise ConfigError(f"trainer.{derived} is derived by fineweb_gpt; set {instead} instead")
-    if cfg.val_every_steps <= 0:
-        raise ConfigError(f"val_every_steps={cfg.val_every_steps} must be a positive number of optimizer steps")
+    for key in ("val_every_steps", "total_batch_tokens", "max_tokens"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    max_steps = cfg.trainer.max_steps
+    if max_steps is not None and (max_steps == 0 or max_steps < -1):
+        raise ConfigError(f"trainer.max_steps={max_steps} must be positive (or -1: run length from max_tokens)")
+    if cfg.data.block_size > cfg.model.block_size:
+        raise ConfigError(
+            f"data.block_size={cfg.data.block_size} is longer than the model's context, model.block_size="
+            f"{cfg.model.block_size}; lower data.block_size or raise model.block_size"
+        )
+    if cfg.model.vocab_size < GPT2_VOCAB_SIZE:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is below the GPT-2 tokenizer's {GPT2_VOCAB_SIZE} ids; "
+            f"use model.vocab_size={PADDED_VOCAB_SIZE} (padded to a multiple of 64)"
+        )
+    if cfg.resume not in (None, "auto"):
+        raise ConfigError(f"resume={cfg.resume} is not known; use resume=auto, or ckpt_path=<file> or ckpt_path=last")
+
+
+def checkpoint_is_readable(path: Path) -> str | None:
+    """None if the checkpoint loads, else why not (a truncated file, a wrong format)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if "state_dict" not in checkpoint or "global_step" not in checkpoint:
+            return "not a training checkpoint"
+    except Exception as err:  # every way a file can be damaged
+        return " ".join(str(err).split())[:200]
+    return None
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: ckpt_path=<file>, or the run folder's newest good one for
+    ckpt_path=last and resume=auto; a damaged file is named and the one before it used."""
+    if cfg.ckpt_path not in (None, "last"):
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={path} does not exist; give a checkpoint file, or ckpt_path=last")
+        problem = checkpoint_is_readable(path)
+        if problem:
+            raise ConfigError(f"checkpoint {path} cannot be loaded ({problem}); use another checkpoint")
+        return str(path)
+    if cfg.ckpt_path is None and cfg.resume != "auto":
+        return None
+    folder = Path(cfg.run_dir) / "checkpoints"
+    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime if p.exists() else 0, reverse=True)
+    seen = set()
+    for path in candidates:
+        if not path.exists() or path.resolve() in seen:
+            continue  # a dangling link, or last.ckpt and the file it points to
+        seen.add(path.resolve())
+        problem = checkpoint_is_readable(path)
+        if problem is None:
+            log.info("Resuming from %s", path)
+            return str(path)
+        log.warning("Checkpoint %s cannot be loaded (%s); trying the one before it", path, problem)
+    if cfg.ckpt_path == "last":
+        raise ConfigError(
+            f"ckpt_path=last found no loadable checkpoint in {folder}; point hydra.run.dir at the run folder to resume"
+        )
+    log.info("resume=auto: no checkpoint in %s yet, starting from scratch", folder)
+    return None
+
+
+def smaller_micro_batch(total_batch_tokens: int, micro_batch_size: int, block_size: int, world_size: int) -> int | None:
+    """The largest micro-batch below this one that still divides the tokens per step."""
+    for candidate in range(micro_batch_size - 1, 0, -1):
+        if total_batch_tokens % (candidate * block_size * world_size) == 0:
+            return candidate
+    return None
 
 
 def planned_steps(cfg: DictConfig, num_params: int) -> int:
@@ -161,14 +232,19 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
 
     model_config = GPTConfig(**cfg.model)
-    optim = OmegaConf.to_container(cfg.optim)
-    module = GPTLightningModule(model_config=model_config.to_dict(), **optim)
-    num_params = module.model.num_params()
-
+    block_size = cfg.data.block_size  # the training sequence length: the model's context, or shorter
     world_size = count_devices(cfg.trainer.devices, cfg.trainer.accelerator) * cfg.trainer.num_nodes
-    accumulation = gradient_accumulation(
-        cfg.total_batch_tokens, cfg.hw.micro_batch_size, model_config.block_size, world_size
+    accumulation = gradient_accumulation(cfg.total_batch_tokens, cfg.hw.micro_batch_size, block_size, world_size)
+    ckpt_path = resume_checkpoint(cfg)
+
+    optim = OmegaConf.to_container(cfg.optim)
+    module = GPTLightningModule(
+        model_config=model_config.to_dict(),
+        **optim,
+        spike_factor=cfg.loss_guard.spike_factor,
+        spike_action=cfg.loss_guard.action,
     )
+    num_params = module.model.num_params()
     max_steps = planned_steps(cfg, num_params)
     if cfg.optim.warmup_steps >= max_steps:
         raise ConfigError(
@@ -192,13 +268,13 @@ def train(cfg: DictConfig) -> float | None:
         **{key: optim[key] for key in ("lr", "min_lr", "warmup_steps", "weight_decay")},
         "val_every_steps": cfg.val_every_steps,
         "flops_per_token": flops_per_token(
-            num_params, model_config.n_layer, model_config.n_head, model_config.n_embd, model_config.block_size
+            num_params, model_config.n_layer, model_config.n_head, model_config.n_embd, block_size
         ),
     }
 
     monitor = RunMonitor(plan, run_dir=cfg.run_dir, log_every_n_steps=cfg.trainer.log_every_n_steps or 1)
     callbacks = [monitor, StepProgressBar()] + [build(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = build_loggers(cfg, wandb_run_id(cfg.ckpt_path))
+    loggers = build_loggers(cfg, wandb_run_id(ckpt_path))
     trainer: L.Trainer = build(
         cfg.trainer,
         precision=precision,
@@ -216,14 +292,37 @@ def train(cfg: DictConfig) -> float | None:
     for logger in trainer.loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
-    datamodule = build(cfg.data, block_size=model_config.block_size, micro_batch_size=cfg.hw.micro_batch_size)
+    datamodule = build(cfg.data, micro_batch_size=cfg.hw.micro_batch_size)
 
     try:
-        if cfg.ckpt_path is None:
+        if ckpt_path is None:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # the starting val loss, at step 0
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        stopped_by = trainer.checkpoint_callback.stopped_by_signal if trainer.checkpoint_callback else None
+        if stopped_by:
+            log.info(
+                "Stopped by %s at step %d and saved %s; resume with resume=auto hydra.run.dir=%s",
+                stopped_by,
+                trainer.global_step,
+                trainer.checkpoint_callback.last_model_path,
+                cfg.run_dir,
+            )
+            return None
         if trainer.global_step % cfg.val_every_steps:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # the run ended between evaluations
+    except torch.cuda.OutOfMemoryError as err:
+        smaller = smaller_micro_batch(cfg.total_batch_tokens, cfg.hw.micro_batch_size, block_size, world_size)
+        advice = (
+            f"use hw.micro_batch_size={smaller} (gradient accumulation becomes "
+            f"{cfg.total_batch_tokens // (smaller * block_size * world_size)}, still {cfg.total_batch_tokens} "
+            "tokens per step)"
+            if smaller
+            else "use a smaller model.block_size or model"
+        )
+        raise ConfigError(
+            f"CUDA out of memory at hw.micro_batch_size={cfg.hw.micro_batch_size} (block {block_size}, "
+            f"{human_count(num_params)} parameters); {advice}"
+        ) from err
     finally:
         finish_wandb_run(trainer)
 
@@ -253,6 +352,21 @@ def error_line(err: ConfigError) -> str:
     return str(err).strip().splitlines()[-1].split("ConfigError: ", 1)[-1]
 
 
+def check_group_options(argv: list[str]) -> None:
+    """An unknown option of a config group (hw=rtx5090) gets one line instead of Hydra's listing."""
+    if any(arg.startswith(("--config-dir", "-cd", "hydra.searchpath")) for arg in argv):
+        return  # other config folders may add options
+    for arg in argv:
+        match = re.fullmatch(r"([a-z_]+)=(.+)", arg)  # group=option; sweeps and lists too
+        if not match or not (CONF_DIR / match.group(1)).is_dir():
+            continue
+        group = match.group(1)
+        known = sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+        for option in match.group(2).strip("[]").split(","):
+            if option.strip() not in known + ["null"]:
+                raise ConfigError(f"{group}={option.strip()} is not a {group} option; choose one of {', '.join(known)}")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
@@ -262,5 +376,14 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    try:
+        check_group_options(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -39,9 +40,9 @@ def make_config(tmp_path):
     GlobalHydra.instance().clear()
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m fineweb_gpt.train ARGS` the way a user does, offline."""
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "fineweb_gpt.train", *args],
         cwd=cwd,
@@ -84,3 +85,66 @@ class SlowValidation(L.Callback):
 
     def on_validation_batch_end(self, *args, **kwargs):
         time.sleep(self.seconds)
+
+
+class SignalAtStep(L.Callback):
+    """Sends this process a signal once `step` optimizer steps are done (SIGKILL: a crash).
+
+    first_micro_batch: send it after the first micro-batch of the next step instead, so
+    the process dies half way through a gradient accumulation.
+    """
+
+    def __init__(self, step: int, signal_name: str = "SIGKILL", first_micro_batch: bool = False):
+        self.step, self.signal_name, self.first_micro_batch = step, signal_name, first_micro_batch
+        self.sent = False
+        self.micro_batches_after = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import signal
+
+        if self.sent or trainer.global_step < self.step:
+            return
+        self.micro_batches_after += 1
+        if self.first_micro_batch and self.micro_batches_after < 2:
+            return
+        self.sent = True
+        os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class PoisonWeights(L.Callback):
+    """Makes the loss non-finite from the step after `step`: a planted NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.ln_final.weight.fill_(float("nan"))
+
+
+class RunOutOfMemory(L.Callback):
+    """Raises CUDA's out-of-memory error as a GPU would."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+class TornWrites(L.pytorch.plugins.TorchCheckpointIO):
+    """A filesystem that writes in place: the `tear_at`-th checkpoint is cut in half and the process dies."""
+
+    def __init__(self, tear_at: int):
+        super().__init__()
+        self.tear_at, self.saves = tear_at, 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        import io
+        import signal
+
+        self.saves += 1
+        if self.saves < self.tear_at:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        Path(path).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)

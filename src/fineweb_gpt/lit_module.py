@@ -76,6 +76,7 @@ class GPTLightningModule(L.LightningModule):
         self.grad_norm: torch.Tensor | None = None
         self._loss_sum: torch.Tensor | None = None
         self._micro_batches = 0
+        self._rng_to_restore: dict | None = None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)[0]
@@ -90,7 +91,12 @@ class GPTLightningModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        states = checkpoint.get("rng_states")
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Restored here, not at load time: starting the data loaders on resume draws from the
+        # random stream, which the uninterrupted run did not do between these two steps.
+        states, self._rng_to_restore = self._rng_to_restore, None
         if states:
             torch.set_rng_state(states["torch"])
             if states["cuda"] and torch.cuda.is_available():

@@ -1,0 +1,243 @@
+"""Crashes, kills, preemption, divergence and bad configuration, as users meet them."""
+
+import csv
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.flops import human_count, param_count
+from fineweb_gpt.lit_module import GPTLightningModule, LossGuard
+from fineweb_gpt.train import train
+
+# Dropout on, so a resumed run must also continue the random streams; two data workers,
+# so it must also continue each worker's place in the data.
+RUN = [
+    "hw=cpu",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "model.dropout=0.1",
+    "hw.micro_batch_size=4",
+    "total_batch_tokens=256",
+    "data.val_tokens=256",
+    "data.num_workers=2",
+    "data.rows_per_chunk=16",
+    "optim.warmup_steps=2",
+    "trainer.max_steps=10",
+    "val_every_steps=5",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+]
+PER_STEP = ("train/loss", "lr", "tokens_seen", "grad_norm")
+# Bit-exact comparisons need the same arithmetic in every run: with several threads the math
+# libraries may change how they split a sum when the machine is busy.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def train_cli(*args: str, env: dict | None = None):
+    return run_cli(*args, cwd=Path(__file__).parent, env={**ONE_THREAD, **(env or {})})
+
+
+def per_step_rows(run_dir: Path) -> dict[int, list[dict]]:
+    """Every logged row of each optimizer step (a resumed run logs again the steps it redoes)."""
+    rows: dict[int, list[dict]] = {}
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row.get("train/loss"):
+                rows.setdefault(int(row["step"]), []).append({key: row[key] for key in PER_STEP})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, dict]:
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    result = train_cli(*RUN, f"hydra.run.dir={folder}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = per_step_rows(folder)
+    assert sorted(rows) == list(range(1, 11))
+    return {step: logged[0] for step, logged in rows.items()}
+
+
+def assert_continues_exactly(run_dir: Path, uninterrupted: dict[int, dict]) -> None:
+    rows = per_step_rows(run_dir)
+    assert sorted(rows) == list(range(1, 11))
+    for step, logged in rows.items():
+        for row in logged:  # the steps redone after the kill are logged twice, identically
+            assert row == uninterrupted[step], f"step {step}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after, mid_step", [(3, False), (6, True), (9, False)])
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, kill_after, mid_step):
+    run_dir = tmp_path / "run"
+    killer = [
+        "+callbacks.kill._target_=conftest.SignalAtStep",
+        f"+callbacks.kill.step={kill_after}",
+        f"+callbacks.kill.first_micro_batch={str(mid_step).lower()}",
+    ]
+    killed = train_cli(*RUN, *killer, f"hydra.run.dir={run_dir}")
+    assert killed.returncode == -9
+    resumed = train_cli(*RUN, "resume=auto", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout + resumed.stderr
+    assert_continues_exactly(run_dir, uninterrupted)
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous_good_one(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    torn = ["+trainer.plugins=[{_target_: conftest.TornWrites, tear_at: 3}]"]  # the step-6 checkpoint is torn
+    killed = train_cli(*RUN, *torn, f"hydra.run.dir={run_dir}")
+    assert killed.returncode == -9
+    assert (run_dir / "checkpoints" / "step000006.ckpt").stat().st_size < (
+        run_dir / "checkpoints" / "step000004.ckpt"
+    ).stat().st_size
+    resumed = train_cli(*RUN, "resume=auto", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert f"Checkpoint {run_dir}/checkpoints/step000006.ckpt cannot be loaded" in output
+    assert "Resuming from" in output and "step000004.ckpt" in output
+    assert_continues_exactly(run_dir, uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_saves_and_exits_cleanly(tmp_path, uninterrupted, signal_name):
+    run_dir = tmp_path / "run"
+    sender = [
+        "+callbacks.kill._target_=conftest.SignalAtStep",
+        "+callbacks.kill.step=3",
+        f"+callbacks.kill.signal_name={signal_name}",
+    ]
+    stopped = train_cli(*RUN, *sender, f"hydra.run.dir={run_dir}")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert f"Stopped by {signal_name} at step 3" in stopped.stdout + stopped.stderr
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 3  # saved at the step it stopped, not at the last periodic save (2)
+    resumed = train_cli(*RUN, "resume=auto", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_continues_exactly(run_dir, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigusr1_under_slurm_requeues_the_job(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol_args\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    sender = [
+        "+callbacks.kill._target_=conftest.SignalAtStep",
+        "+callbacks.kill.step=2",
+        "+callbacks.kill.signal_name=SIGUSR1",
+    ]
+    result = train_cli(*RUN, *sender, f"hydra.run.dir={tmp_path / 'run'}", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "scontrol_args").read_text().split() == ["requeue", "4242"]
+
+
+def test_planted_nan_stops_with_the_step_lr_and_an_intact_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    poison = ["+callbacks.poison._target_=conftest.PoisonWeights", "+callbacks.poison.step=5"]
+    result = train_cli(*RUN, "data.num_workers=0", *poison, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: train loss is nan at step 6 (lr ")
+    assert f"the last good checkpoint, {run_dir}/checkpoints/last.ckpt, is untouched" in line
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+def test_out_of_memory_names_the_micro_batch_and_a_smaller_one(tmp_path):
+    oom = ["+callbacks.oom._target_=conftest.RunOutOfMemory"]
+    result = train_cli(*RUN, "data.num_workers=0", *oom, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    params = human_count(param_count(n_layer=1, n_embd=32))
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: CUDA out of memory at hw.micro_batch_size=4 (block 32, {params} parameters); use "
+        "hw.micro_batch_size=2 (gradient accumulation becomes 4, still 256 tokens per step)"
+    )
+
+
+def test_loss_guard_verdicts():
+    guard = LossGuard(spike_factor=2.0, action="skip")
+    assert [guard.verdict(3.0 - i * 0.01) for i in range(12)] == [None] * 12
+    assert guard.verdict(10.0) == "skip"  # above 2x the recent median
+    assert guard.verdict(float("nan")) == "nonfinite" and guard.verdict(float("inf")) == "nonfinite"
+    assert LossGuard().verdict(1e6) is None  # no spike factor: only non-finite losses count
+    with pytest.raises(ConfigError, match="loss_guard.action='pause' must be 'stop' or 'skip'"):
+        LossGuard(action="pause")
+
+
+def test_a_skipped_spike_leaves_the_weights_alone():
+    import lightning as L
+
+    module = GPTLightningModule(
+        model_config=dict(block_size=8, n_layer=1, n_head=1, n_embd=16),
+        lr=1e-2,
+        warmup_steps=1,
+        spike_factor=2.0,
+        spike_action="skip",
+    )
+    before = {}
+
+    class Spike(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 40:
+                before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+                batch[:, 1:] = 50300  # targets the model has learned never come: a loss spike
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 41:
+                for key, value in pl_module.state_dict().items():
+                    assert torch.equal(value, before[key]), key
+                pl_module.checked = True
+
+    windows = torch.randint(0, 100, (1, 9)).repeat(200, 1)  # one window, learned quickly
+    trainer = L.Trainer(
+        max_steps=44,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Spike()],
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(windows, batch_size=4))
+    assert getattr(module, "checked", False)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.block_size=64"], "data.block_size=64 is longer than the model's context, model.block_size=32"),
+        (["model.vocab_size=50000"], "model.vocab_size=50000 is below the GPT-2 tokenizer's 50257 ids"),
+        (["model.n_embd=100", "model.n_head=12"], "model.n_embd=100 is not divisible by model.n_head=12"),
+        (["trainer.max_steps=0"], "trainer.max_steps=0 must be positive"),
+        (["trainer.max_steps=-5"], "trainer.max_steps=-5 must be positive"),
+        (["val_every_steps=0"], "val_every_steps=0 must be positive"),
+        (["resume=yes"], "resume=yes is not known"),
+        (["ckpt_path=/nowhere/last.ckpt"], "ckpt_path=/nowhere/last.ckpt does not exist"),
+    ],
+)
+def test_bad_configuration_is_refused_before_any_data_is_read(make_config, overrides, message):
+    # The data file does not exist either: the configuration must be refused first.
+    small = [o for o in RUN if not o.startswith(("data.", "trainer.max_steps"))]
+    cfg = make_config(*small, "data=single_parquet", "data.path=/nowhere/000_00000.parquet", *overrides)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        train(cfg)
+
+
+def test_unknown_hw_profile_is_one_line(tmp_path):
+    result = run_cli("hw=rtx5090", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: hw=rtx5090 is not a hw option; choose one of a100, auto, cpu, h100, rtx3090, rtx4070, rtx4090"
+    )

@@ -4,6 +4,7 @@ Config flows one way: YAML -> Hydra -> instantiate -> objects. This is the only 
 that reads the whole config; everything below it receives plain arguments.
 """
 
+import json
 import logging
 import math
 import os
@@ -213,6 +214,12 @@ def build_loggers(cfg: DictConfig, resume_run_id: str | None) -> list:
                 extra.update(offline=True, mode="offline")
             if resume_run_id:
                 extra["id"] = resume_run_id
+            if in_multirun():  # one W&B run per sweep point, grouped by the sweep
+                from hydra.core.hydra_config import HydraConfig
+
+                job = HydraConfig.get()
+                extra.setdefault("group", node.group or job.sweep.dir)
+                extra.setdefault("name", node.name or job.job.override_dirname or str(job.job.num))
         loggers.append(build(node, **extra))
     return loggers
 
@@ -367,13 +374,40 @@ def check_group_options(argv: list[str]) -> None:
                 raise ConfigError(f"{group}={option.strip()} is not a {group} option; choose one of {', '.join(known)}")
 
 
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def write_result(run_dir: str, status: str, **details) -> None:
+    """result.json in the run folder: how the run ended, for the sweep table."""
+    if rank_zero_only.rank == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "result.json").write_text(json.dumps({"status": status, **details}) + "\n")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """One run; in a sweep, a failed run is reported and the sweep goes on (its value is NaN,
+    which optimising sweepers count as a failed trial)."""
     try:
-        return train(cfg)
+        final_val_loss = train(cfg)
+        write_result(cfg.run_dir, "completed", final_val_loss=final_val_loss)
+        return final_val_loss
     except ConfigError as err:
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        sys.exit(2)
+        write_result(cfg.run_dir, "failed", error=error_line(err))
+        if not in_multirun():
+            print(f"error: {error_line(err)}", file=sys.stderr)
+            sys.exit(2)
+        log.error("This run failed: %s", error_line(err))
+    except Exception as err:
+        if not in_multirun():
+            raise
+        write_result(cfg.run_dir, "failed", error=f"{type(err).__name__}: {' '.join(str(err).split())[:300]}")
+        log.exception("This run failed; the sweep goes on")
+    return float("nan")
 
 
 def cli() -> None:

@@ -227,12 +227,12 @@ def test_wandb_offline_run_keeps_metrics_and_resumes_the_same_run(make_config, t
 
 
 @pytest.mark.slow
-def test_two_ranks_count_tokens_exactly_and_see_different_data(tmp_path):
+def test_two_ranks_keep_the_global_batch_count_tokens_exactly_and_see_different_data(tmp_path):
     record = tmp_path / "batches"
     result = run_cli(
         *SMALL,
+        "trainer=ddp",
         "trainer.devices=2",
-        "trainer.strategy=ddp",
         "trainer.max_steps=4",
         "val_every_steps=2",
         "+callbacks.recorder._target_=conftest.BatchRecorder",
@@ -241,12 +241,15 @@ def test_two_ranks_count_tokens_exactly_and_see_different_data(tmp_path):
         cwd=Path(__file__).parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    # One process would take 2 micro-batches of 4 x 32 per step; two take 1 each: still 256 tokens.
+    assert (summary["world_size"], summary["grad_accum"], summary["tokens_per_step"]) == (2, 1, 256)
     micro = recorded_batches(record)
-    assert len(micro) == 8  # 2 ranks x 4 steps x 1 micro-batch: the global batch stays 256 tokens
+    assert len(micro) == 8  # 2 ranks x 4 steps x 1 micro-batch
     rows = read_metrics(tmp_path / "run")
     seen = column(rows, "tokens_seen")
     assert seen[-1] == sum(tokens for *_, tokens, _ in micro) == 4 * 256
-    assert len({digest for _, digest, _, _ in micro}) == 8  # no batch trained twice
+    assert len({digest for _, digest, _, _ in micro}) == 8  # each rank trains on different data
     assert (result.stdout + result.stderr).count("Run summary") == 1  # rank 0 only
 
 

@@ -1,0 +1,166 @@
+"""Sweeps (Hydra multirun, Optuna), launchers and multi-process training, on the CPU."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from fineweb_gpt.sweep import main as sweep_main
+
+TINY = [
+    "hw=cpu",
+    "model.n_layer=1",
+    "model.n_head=4",
+    "model.block_size=32",
+    "hw.micro_batch_size=4",
+    "total_batch_tokens=256",
+    "data.val_tokens=256",
+    "optim.warmup_steps=1",
+    "trainer.max_steps=3",
+]
+
+
+def sweep_dir_of(tmp_path: Path) -> Path:
+    [folder] = tmp_path.glob("outputs/multirun/*/*")
+    return folder
+
+
+def last(run_dir: Path, column: str) -> float:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        return [float(r[column]) for r in csv.DictReader(file) if r.get(column)][-1]
+
+
+def read_table(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "sweep_results.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_two_by_two_multirun_writes_a_table_from_each_runs_own_logs(tmp_path):
+    result = run_cli("-m", *TINY, "model.n_embd=32,64", "optim.min_lr=1e-4,3e-4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = sweep_dir_of(tmp_path)
+    rows = read_table(sweep_dir)
+    assert len(rows) == 4
+    assert sorted(r["overrides"] for r in rows) == sorted(
+        f"model.n_embd={e} optim.min_lr={lr}" for e in (32, 64) for lr in ("0.0001", "0.0003")
+    )
+    for row in rows:
+        run_dir = sweep_dir / row["run"]
+        summary = json.loads((run_dir / "run_summary.json").read_text())
+        assert row["status"] == "completed"
+        assert int(row["params"]) == summary["num_params"]
+        assert float(row["final_val_loss"]) == last(run_dir, "val/loss")
+        assert int(row["tokens_seen"]) == last(run_dir, "tokens_seen") == 3 * 256
+    finals = [float(r["final_val_loss"]) for r in rows]
+    assert finals == sorted(finals)  # best first
+    markdown = (sweep_dir / "sweep_results.md").read_text()
+    assert markdown.count("| completed |") == 4 and markdown in result.stdout
+
+    # The same table, rebuilt later from the folder alone.
+    (sweep_dir / "sweep_results.csv").unlink()
+    assert sweep_main([str(sweep_dir)]) == 0
+    assert read_table(sweep_dir) == rows
+
+
+def test_an_invalid_combination_fails_alone_and_is_reported_by_name(tmp_path):
+    result = run_cli("-m", *TINY, "model.n_embd=64,66", cwd=tmp_path)
+    assert result.returncode == 1  # the sweep says it was not all good...
+    rows = {r["overrides"]: r for r in read_table(sweep_dir_of(tmp_path))}
+    assert rows["model.n_embd=64"]["status"] == "completed"  # ...but the valid run finished
+    assert math.isfinite(float(rows["model.n_embd=64"]["final_val_loss"]))
+    assert rows["model.n_embd=66"]["status"] == "failed"
+    assert rows["model.n_embd=66"]["error"].startswith("model.n_embd=66 is not divisible by model.n_head=4")
+    assert "(model.n_embd=66) failed: model.n_embd=66 is not divisible" in result.stdout + result.stderr
+
+
+def test_sweep_table_command_refuses_a_folder_without_runs(tmp_path, capsys):
+    assert sweep_main([str(tmp_path)]) == 2
+    assert "holds no sweep runs" in capsys.readouterr().err
+
+
+def test_grid_preset_declares_the_eight_point_grid(make_config):
+    from omegaconf import OmegaConf
+
+    sweeper = OmegaConf.load(Path(__file__).parents[1] / "src/fineweb_gpt/conf/sweep/grid.yaml").hydra.sweeper
+    grid = {key: str(value).split(",") for key, value in sweeper.params.items()}
+    assert grid == {"model.n_embd": ["384", "768"], "model.dropout": ["0.0", "0.1"], "optim.min_lr": ["6e-5", "3e-5"]}
+    make_config("sweep=grid")  # composes with the rest of the config
+
+
+def test_optuna_preset_runs_trials_and_reports_the_best(tmp_path):
+    result = run_cli("sweep=optuna", "hydra.sweeper.n_trials=2", *TINY, "model.n_embd=32", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = sweep_dir_of(tmp_path)
+    best = (sweep_dir / "optimization_results.yaml").read_text()
+    assert "optim.lr" in best and "model.dropout" in best
+    rows = read_table(sweep_dir)
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
+
+
+def test_slurm_launcher_composes_with_tasks_per_gpu(make_config):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.gpus_per_node=4",
+                "hydra.launcher.nodes=2",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.account=lab",
+                "trainer=ddp",
+            ],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
+    assert (launcher.partition, launcher.account, launcher.signal_delay_s) == ("gpu", "lab", 120)
+    assert cfg.trainer.strategy == "ddp"
+
+
+@pytest.mark.slow
+def test_submitit_local_executor_runs_the_sweep(tmp_path):
+    result = run_cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+        *TINY,
+        "model.n_embd=32",
+        "optim.min_lr=1e-4,3e-4",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_table(sweep_dir_of(tmp_path))
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
+
+
+def test_fsdp_preset_builds_a_strategy_that_shards_per_block(make_config):
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from fineweb_gpt.model import Block
+
+    strategy = instantiate(make_config("trainer=fsdp").trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
+
+
+def test_sweep_runs_are_separate_wandb_runs_grouped_by_the_sweep(tmp_path):
+    result = run_cli(
+        "-m", *TINY, "model.n_embd=32", "optim.min_lr=1e-4,3e-4", "logger=wandb", "logger.offline=true", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = sweep_dir_of(tmp_path)
+    run_files = sorted(sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2 and len({f.name for f in run_files}) == 2  # two runs, two ids
+    group = str(sweep_dir.relative_to(tmp_path)).encode()
+    for name, run_file in zip(("optim.min_lr=0.0001", "optim.min_lr=0.0003"), run_files):
+        data = run_file.read_bytes()
+        assert group in data and name.encode() in data

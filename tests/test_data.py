@@ -33,13 +33,13 @@ def write_parquet(path, row_group_size=None, **columns):
     return path
 
 
-def sample_stream(rank=0, world_size=1, num_workers=0, micro_batch_size=1, files=None, **kwargs):
+def sample_stream(rank=0, world_size=1, num_workers=0, micro_batch_size=1, files=None, block=BLOCK, **kwargs):
     infos = [inspect_parquet(f, "text") for f in (files or [bundled_sample_path()])]
     return TokenWindowStream(
         infos,
         "text",
         VAL_FRACTION,
-        BLOCK,
+        block,
         micro_batch_size,
         rows_per_chunk=64,
         seed=7,
@@ -80,17 +80,18 @@ def test_documents_are_separated_by_end_of_text():
 
 
 def test_every_training_token_exactly_once_per_epoch_across_2_ranks_x_2_workers():
-    source = training_tokens()
+    source, block = training_tokens(), 256
     seen = {}
     for rank in (0, 1):
-        seen.update(first_epoch_per_stream(sample_stream(rank, world_size=2, num_workers=2), num_workers=2))
+        streams = sample_stream(rank, world_size=2, num_workers=2, block=block)
+        seen.update(first_epoch_per_stream(streams, num_workers=2))
     assert sorted(seen) == [0, 1, 2, 3]  # every worker of every rank got data
     windows = np.concatenate([np.stack(w) for w in seen.values()])
-    assert windows.shape[1] == BLOCK + 1
+    assert windows.shape[1] == block + 1
     source_counts, seen_counts = Counter(source.tolist()), Counter(windows.ravel().tolist())
     assert not seen_counts - source_counts  # nothing duplicated, nothing from validation
     dropped = len(source) - windows.size
-    assert 0 <= dropped < 4 * (BLOCK + 1)  # at most one partial window per stream
+    assert 0 <= dropped < 4 * (block + 1)  # at most one partial window per stream
     print(
         f"exactly-once: source {len(source)} tokens, seen {windows.size} in {len(windows)} windows, dropped {dropped}"
     )

@@ -119,10 +119,11 @@ class RunMonitor(L.Callback):
     loggers.
     """
 
-    def __init__(self, plan: dict, run_dir: str | None = None, log_every_n_steps: int = 1):
+    def __init__(self, plan: dict, run_dir: str | None = None, log_every_n_steps: int = 1, check_health: bool = True):
         self.plan = plan  # static facts of the run, worked out by train.py
         self.run_dir = Path(run_dir) if run_dir else None
         self.log_every_n_steps = max(1, log_every_n_steps)
+        self.check_health = check_health
         self.summary: dict | None = None
         self.tokens_seen = 0
         self.train_seconds = 0.0  # measured training time of the timed steps
@@ -150,7 +151,7 @@ class RunMonitor(L.Callback):
             "data_files": [str(f) for f in getattr(datamodule, "files", [])],
         }
         loud = self.report_summary(trainer) if trainer.is_global_zero else set()
-        self.health = RunHealth(self.summary, already_warned=loud)
+        self.health = RunHealth(self.summary, already_warned=loud) if self.check_health else None
 
     def report_summary(self, trainer: L.Trainer) -> set[str]:
         """Print, save and log the summary; returns the health checks it already warned about."""
@@ -197,7 +198,8 @@ class RunMonitor(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.last_step = trainer.global_step  # a resumed run starts part way
         self.micro_tokens, self.step_started = 0, None
-        self.record_health(trainer, self.health.check(), trainer.global_step)
+        if self.health:
+            self.record_health(trainer, self.health.check(), trainer.global_step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.step_started is None and self.logs_step(trainer.global_step + 1):
@@ -276,7 +278,8 @@ class RunMonitor(L.Callback):
     def log_metrics(self, trainer: L.Trainer, metrics: dict, step: int) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        self.record_health(trainer, self.health.observe({"step": step, **metrics}), step)
+        if self.health:
+            self.record_health(trainer, self.health.observe({"step": step, **metrics}), step)
 
     @staticmethod
     def record_health(trainer: L.Trainer, findings: list, step: int) -> None:

@@ -53,6 +53,37 @@ class LossGuard:
         return self.action if spike else None
 
 
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers stepped as one, since Lightning's automatic optimization drives a
+    single optimizer. Its param_groups are the inner optimizers' own, so a learning-rate
+    scheduler on it reaches them all."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        super().__init__([p for o in optimizers for g in o.param_groups for p in g["params"]], {})
+        self.param_groups = [group for o in optimizers for group in o.param_groups]
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for optimizer, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
+
+
 class GPTLightningModule(L.LightningModule):
     def __init__(
         self,
@@ -63,12 +94,20 @@ class GPTLightningModule(L.LightningModule):
         warmup_steps: int = 200,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
+        optimizer: str = "adamw",
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
         spike_factor: float | None = None,
         spike_action: str = "stop",
+        compile_model: bool = False,
     ):
         super().__init__()
         # Stored in every checkpoint, so a checkpoint alone can rebuild the model.
         self.save_hyperparameters()
+        if optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optim.optimizer={optimizer!r} is not known; use optim=adamw or optim=muon")
+        if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+            raise ConfigError(f"optim=muon needs torch.optim.Muon (torch 2.9 or newer; this is {torch.__version__})")
         self.model = GPT(GPTConfig(**model_config))
         self.guard = LossGuard(spike_factor, spike_action)
         # Of the last optimizer step: mean loss over its micro-batches, gradient norm before clipping.
@@ -80,6 +119,16 @@ class GPTLightningModule(L.LightningModule):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)[0]
+
+    def configure_model(self) -> None:
+        # Compiled once the model is on its device; kept outside the module tree so that
+        # checkpoints hold the plain model's keys either way.
+        if self.hparams.compile_model and "compiled" not in self.__dict__:
+            self.__dict__["compiled"] = torch.compile(self.model)
+
+    @property
+    def step_model(self):
+        return self.__dict__.get("compiled", self.model)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # With the model config in hyper_parameters, this makes a checkpoint self-contained.
@@ -104,13 +153,13 @@ class GPTLightningModule(L.LightningModule):
 
     def training_step(self, windows: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # windows: (micro_batch, block_size + 1) tokens; targets are the inputs shifted by one.
-        _, loss = self.model(windows[:, :-1], windows[:, 1:])
+        _, loss = self.step_model(windows[:, :-1], windows[:, 1:])
         self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
         self._micro_batches += 1
         return loss  # logged per optimizer step by callbacks.RunMonitor
 
     def validation_step(self, windows: torch.Tensor, batch_idx: int) -> None:
-        _, loss = self.model(windows[:, :-1], windows[:, 1:])
+        _, loss = self.step_model(windows[:, :-1], windows[:, 1:])
         # For checkpoint callbacks and the progress bar; RunMonitor writes it to the loggers.
         self.log("val/loss", loss, prog_bar=True, logger=False, sync_dist=True)
 
@@ -151,16 +200,30 @@ class GPTLightningModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        # Decay only matrices (linear weights and embeddings); gains and biases stay free.
         params = [p for p in self.parameters() if p.requires_grad]
+        # optim=muon: Muon orthogonalises the updates of the blocks' weight matrices; the
+        # embedding (tied to the head) and the gains stay with AdamW, as Muon's authors advise.
+        hidden = {id(p) for p in self.model.blocks.parameters() if p.dim() == 2} if hp.optimizer == "muon" else set()
+        rest = [p for p in params if id(p) not in hidden]
+        # Decay only matrices (linear weights and embeddings); gains and biases stay free.
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         ]
         # Fused AdamW on CUDA, except with fp16 loss scaling: Lightning must unscale the
         # gradients before clipping, and cannot with a fused optimizer.
         fused = self.device.type == "cuda" and not str(self.trainer.precision).startswith("16")
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        if hidden:
+            # Muon's own learning rate (its orthogonalised updates have unit scale); the
+            # schedule scales it by the same warmup and decay as AdamW's.
+            muon = torch.optim.Muon(
+                [p for p in params if id(p) in hidden],
+                lr=hp.muon_lr,
+                weight_decay=hp.weight_decay,
+                momentum=hp.muon_momentum,
+            )
+            optimizer = CombinedOptimizer([muon, optimizer])
         decay_steps = self.trainer.max_steps
 
         def lr_factor(step: int) -> float:

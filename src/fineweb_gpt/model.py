@@ -1,8 +1,11 @@
 """The GPT-2 language model, readable top to bottom, as a plain nn.Module.
 
-Pre-LayerNorm transformer blocks, a 4x GELU MLP, learned position embeddings, the token
-embedding tied to the output head, and attention through PyTorch's
+arch="gpt2": pre-LayerNorm transformer blocks, a 4x GELU MLP, learned position embeddings,
+the token embedding tied to the output head, and attention through PyTorch's
 scaled_dot_product_attention (flash or memory-efficient kernels where available).
+arch="modern": the same skeleton with what later models found learns more per token:
+rotary position embeddings instead of learned ones, RMSNorm, a SwiGLU MLP sized to the GELU
+MLP's parameter count, RMSNorm on queries and keys (QK-norm), and no biases.
 Generation keeps each layer's keys and values in a KVCache, so a new token does not
 recompute the whole prefix.
 """
@@ -32,6 +35,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm; GPT-2 had them, they only cost speed
+    arch: str = "gpt2"  # or "modern"
 
     def __post_init__(self):
         for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -46,6 +50,25 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout!r} must be in [0, 1); use 0.0 for pretraining")
+        if self.arch not in ("gpt2", "modern"):
+            raise ConfigError(f"model.arch={self.arch!r} is not known; use model.arch=gpt2 or model.arch=modern")
+        if self.arch == "modern" and self.bias:
+            raise ConfigError("model.arch=modern has no biases; set model.bias=false")
+        if self.arch == "modern" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(
+                f"model.arch=modern rotates pairs of dimensions, so the head size n_embd / n_head = "
+                f"{self.n_embd // self.n_head} must be even; change model.n_embd or model.n_head"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def swiglu_hidden(self) -> int:
+        """SwiGLU's width: its three matrices then hold about the 8·d² of GELU's two (exactly for
+        d = 384 and 768), rounded to a multiple of 64 for the matmul kernels."""
+        return max(64, 64 * round(8 * self.n_embd / 3 / 64))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,19 +98,50 @@ class KVCache:
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
 
+def norm(config: GPTConfig, width: int | None = None) -> nn.Module:
+    width = width or config.n_embd
+    return nn.RMSNorm(width) if config.arch == "modern" else nn.LayerNorm(width, bias=config.bias)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: each pair of a query's (or key's) dimensions is turned by an
+    angle that grows with the position, so attention scores depend on relative distance."""
+
+    def __init__(self, head_size: int, block_size: int, base: float = 10000.0):
+        super().__init__()
+        frequencies = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), frequencies)
+        # Derived from the config, so kept out of checkpoints.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x: (batch, n_head, seq, head_size) at positions start, start + 1, ..."""
+        cos = self.cos[start : start + x.size(-2)].to(x.dtype)
+        sin = self.sin[start : start + x.size(-2)].to(x.dtype)
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, rotary: Rotary | None = None):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.rotary = rotary  # shared by every block; None for learned position embeddings
+        if config.arch == "modern":  # QK-norm keeps attention logits from growing without bound
+            self.q_norm, self.k_norm = norm(config, config.head_size), norm(config, config.head_size)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, width = x.shape
         # (batch, seq, 3 * width) -> three (batch, n_head, seq, head_size) tensors
         q, k, v = self.qkv(x).view(batch, seq, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            start = cache.length if cache is not None else 0
+            q, k = self.rotary(self.q_norm(q), start), self.rotary(self.k_norm(k), start)
         if cache is None:
             dropout_p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -113,13 +167,27 @@ class MLP(nn.Module):
         return self.dropout(self.down(F.gelu(self.up(x))))
 
 
-class Block(nn.Module):
+class SwiGLU(nn.Module):
+    """The gated MLP: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_attn = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_mlp = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.gate = nn.Linear(config.n_embd, config.swiglu_hidden, bias=False)
+        self.up = nn.Linear(config.n_embd, config.swiglu_hidden, bias=False)
+        self.down = nn.Linear(config.swiglu_hidden, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, rotary: Rotary | None = None):
+        super().__init__()
+        self.ln_attn = norm(config)
+        self.attn = CausalSelfAttention(config, rotary)
+        self.ln_mlp = norm(config)
+        self.mlp = SwiGLU(config) if config.arch == "modern" else MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_attn(x), cache)
@@ -131,10 +199,12 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        modern = config.arch == "modern"
+        self.position_embedding = None if modern else nn.Embedding(config.block_size, config.n_embd)
+        rotary = Rotary(config.head_size, config.block_size) if modern else None
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_final = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.blocks = nn.ModuleList(Block(config, rotary) for _ in range(config.n_layer))
+        self.ln_final = norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: the head reads tokens out with the same vectors that embed them.
         self.lm_head.weight = self.token_embedding.weight
@@ -158,7 +228,7 @@ class GPT(nn.Module):
         """Parameter count as nanoGPT reports it: the tied embedding once, position
         embeddings excluded (they do no multiply-adds per token)."""
         total = sum(p.numel() for p in self.parameters())
-        if exclude_position_embedding:
+        if exclude_position_embedding and self.position_embedding is not None:
             total -= self.position_embedding.weight.numel()
         return total
 
@@ -179,8 +249,10 @@ class GPT(nn.Module):
         end = past + idx.shape[1]
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens is longer than model.block_size={self.config.block_size}")
-        positions = torch.arange(past, end, device=idx.device)
-        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        x = self.token_embedding(idx)
+        if self.position_embedding is not None:  # rotary models place tokens inside attention instead
+            x = x + self.position_embedding(torch.arange(past, end, device=idx.device))
+        x = self.dropout(x)
         for block, cache in zip(self.blocks, caches or repeat(None)):
             x = block(x, cache)
         return self.ln_final(x)
@@ -199,8 +271,8 @@ class GPT(nn.Module):
 
         With use_cache, each step runs only the newest token through the model. Once the
         context outgrows block_size it is cropped to its last block_size tokens, as nanoGPT
-        does; positions are learned and absolute, so the cropped window's keys all change and
-        the cache is rebuilt (from then on each token costs a full forward, as without it).
+        does; positions count from the window's start, so the cropped window's keys all change
+        and the cache is rebuilt (from then on each token costs a full forward, as without it).
         """
         caches = None
         for _ in range(max_new_tokens):

@@ -224,6 +224,46 @@ def build_loggers(cfg: DictConfig, resume_run_id: str | None) -> list:
     return loggers
 
 
+def run_plan(
+    *,
+    model_name: str,
+    model_config: GPTConfig,
+    num_params: int,
+    block_size: int,
+    hw_name: str,
+    peak_flops: float | None,
+    precision: str,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    max_steps: int,
+    optim: dict,
+    val_every_steps: int,
+) -> dict:
+    """The static facts of a run that its summary reports (run_summary.json's keys, less the data's)."""
+    tokens_per_step = micro_batch_size * block_size * grad_accum * world_size
+    return {
+        "model_name": model_name,
+        "num_params": num_params,
+        **model_config.to_dict(),
+        "hw_name": hw_name,
+        "peak_flops": peak_flops,
+        "precision": precision,
+        "micro_batch_size": micro_batch_size,
+        "grad_accum": grad_accum,
+        "world_size": world_size,
+        "tokens_per_step": tokens_per_step,
+        "max_steps": max_steps,
+        "planned_tokens": max_steps * tokens_per_step,
+        "chinchilla_tokens": chinchilla_tokens(num_params),
+        **{key: optim[key] for key in ("lr", "min_lr", "warmup_steps", "weight_decay")},
+        "val_every_steps": val_every_steps,
+        "flops_per_token": flops_per_token(
+            num_params, model_config.n_layer, model_config.n_head, model_config.n_embd, block_size
+        ),
+    }
+
+
 def finish_wandb_run(trainer: L.Trainer) -> None:
     """Close this job's W&B run: the next job of a sweep in this process starts its own."""
     for logger in trainer.loggers:
@@ -237,6 +277,8 @@ def train(cfg: DictConfig) -> float | None:
     hw_name = choices.get("hw", "custom")
     check_config(cfg, hw_name)
     L.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left on Ampere and newer
 
     model_config = GPTConfig(**cfg.model)
     block_size = cfg.data.block_size  # the training sequence length: the model's context, or shorter
@@ -250,6 +292,7 @@ def train(cfg: DictConfig) -> float | None:
         **optim,
         spike_factor=cfg.loss_guard.spike_factor,
         spike_action=cfg.loss_guard.action,
+        compile_model=cfg.hw.compile,
     )
     num_params = module.model.num_params()
     max_steps = planned_steps(cfg, num_params)
@@ -258,26 +301,21 @@ def train(cfg: DictConfig) -> float | None:
             f"optim.warmup_steps={cfg.optim.warmup_steps} is not below the run's {max_steps} steps; lower it"
         )
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    plan = {
-        "model_name": choices.get("model", "custom"),
-        "num_params": num_params,
-        **model_config.to_dict(),
-        "hw_name": hw_name,
-        "peak_flops": peak_flops(cfg, hw_name),
-        "precision": precision,
-        "micro_batch_size": cfg.hw.micro_batch_size,
-        "grad_accum": accumulation,
-        "world_size": world_size,
-        "tokens_per_step": cfg.total_batch_tokens,
-        "max_steps": max_steps,
-        "planned_tokens": max_steps * cfg.total_batch_tokens,
-        "chinchilla_tokens": chinchilla_tokens(num_params),
-        **{key: optim[key] for key in ("lr", "min_lr", "warmup_steps", "weight_decay")},
-        "val_every_steps": cfg.val_every_steps,
-        "flops_per_token": flops_per_token(
-            num_params, model_config.n_layer, model_config.n_head, model_config.n_embd, block_size
-        ),
-    }
+    plan = run_plan(
+        model_name=choices.get("model", "custom"),
+        model_config=model_config,
+        num_params=num_params,
+        block_size=block_size,
+        hw_name=hw_name,
+        peak_flops=peak_flops(cfg, hw_name),
+        precision=precision,
+        micro_batch_size=cfg.hw.micro_batch_size,
+        grad_accum=accumulation,
+        world_size=world_size,
+        max_steps=max_steps,
+        optim=optim,
+        val_every_steps=cfg.val_every_steps,
+    )
 
     monitor = RunMonitor(plan, run_dir=cfg.run_dir, log_every_n_steps=cfg.trainer.log_every_n_steps or 1)
     callbacks = [monitor, StepProgressBar()] + [build(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -1,0 +1,205 @@
+"""Training throughput of the project's Lightning path against a bare PyTorch loop.
+
+Both train the same model on the same batches with the same recipe: bf16 autocast on GPUs
+that have it, gradient accumulation, clipping at 1.0, AdamW (fused on CUDA) with warmup and
+cosine decay, the loss read once per optimizer step. The Lightning side is the real one:
+GPTLightningModule with its loss guard, RunMonitor's per-step metrics, a CSV logger. The two
+alternate, round after round, in one process, and each is timed over the steps after its
+warmup, so the ratio compares like with like.
+
+    python benchmarks/train_throughput.py                                  # CPU: the tiny model
+    python benchmarks/train_throughput.py --model 124m --micro-batch 64 --compile --hw h100
+"""
+
+import argparse
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from fineweb_gpt.callbacks import RunMonitor
+from fineweb_gpt.flops import flops_per_token, gpu_profiles, model_flops_utilization, peak_flops_for
+from fineweb_gpt.lit_module import GPTLightningModule, learning_rate
+from fineweb_gpt.model import GPTConfig
+from fineweb_gpt.train import run_plan
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "src" / "fineweb_gpt" / "conf"
+LR, MIN_LR, WARMUP = 6e-4, 6e-5, 2
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer(L.Callback):
+    """Wall time of the optimizer steps after the first `warmup` ones."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.started, self.seconds = warmup, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.started is None and trainer.global_step == self.warmup:
+            synchronize(pl_module.device)
+            self.started = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        synchronize(pl_module.device)
+        self.seconds = time.perf_counter() - self.started
+
+
+def lightning_round(args, model_config, windows, device, precision) -> float:
+    torch.manual_seed(0)
+    optim = {"lr": LR, "min_lr": MIN_LR, "warmup_steps": WARMUP, "weight_decay": 0.1}
+    module = GPTLightningModule(model_config=model_config, **optim, compile_model=args.compile)
+    plan = run_plan(
+        model_name=args.model,
+        model_config=GPTConfig(**model_config),
+        num_params=module.model.num_params(),
+        block_size=model_config["block_size"],
+        hw_name=args.hw or device.type,
+        peak_flops=None,
+        precision=precision,
+        micro_batch_size=args.micro_batch,
+        grad_accum=args.accumulation,
+        world_size=1,
+        max_steps=args.steps,
+        optim=optim,
+        val_every_steps=10**9,
+    )
+    timer = StepTimer(args.warmup)
+    with tempfile.TemporaryDirectory() as logs:
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=1,
+            precision=precision,
+            max_steps=args.steps,
+            accumulate_grad_batches=args.accumulation,
+            gradient_clip_val=1.0,
+            limit_val_batches=0,
+            callbacks=[RunMonitor(plan, check_health=False), timer],
+            logger=L.pytorch.loggers.CSVLogger(logs),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, DataLoader(windows, batch_size=args.micro_batch, pin_memory=device.type == "cuda"))
+    return timer.seconds
+
+
+def bare_round(args, model_config, windows, device, precision) -> float:
+    """nanoGPT's training loop on the same model and batches."""
+    torch.manual_seed(0)
+    gpt = GPTLightningModule(model_config=model_config).model.to(device)
+    model = torch.compile(gpt) if args.compile else gpt
+    params = [p for p in gpt.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate(step, LR, MIN_LR, WARMUP, args.steps) / LR
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    batches = iter(DataLoader(windows, batch_size=args.micro_batch, pin_memory=device.type == "cuda"))
+    started = None
+    for step in range(args.steps):
+        if step == args.warmup:
+            synchronize(device)
+            started = time.perf_counter()
+        for _ in range(args.accumulation):
+            batch = next(batches).to(device, non_blocking=True)
+            with autocast:
+                _, loss = model(batch[:, :-1], batch[:, 1:])
+            (loss / args.accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # read once per step, as a logging loop does
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    logging.getLogger("fineweb_gpt").setLevel(logging.WARNING)  # no run summary in every round
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a model preset (default: 124m on CUDA, tiny on the CPU)")
+    parser.add_argument("--micro-batch", type=int, default=None)
+    parser.add_argument("--accumulation", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per round, warmup included")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps at the start of a round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--hw", default=None, help="hw profile whose peak FLOPS MFU is measured against")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    args.model = args.model or ("124m" if on_gpu else "tiny")
+    args.micro_batch = args.micro_batch or (16 if on_gpu else 4)
+    args.accumulation = args.accumulation or (4 if on_gpu else 2)
+    args.steps = args.steps or (25 if on_gpu else 8)
+    args.warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 2)
+    if on_gpu:
+        torch.set_float32_matmul_precision("high")
+    precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    model_config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"))
+    block = model_config["block_size"]
+    total = args.micro_batch * args.accumulation * args.steps
+    windows = torch.randint(0, 50257, (total, block + 1), generator=torch.Generator().manual_seed(0))
+
+    name = torch.cuda.get_device_name() if on_gpu else "cpu"
+    peak = gpu_profiles()[args.hw].peak_flops if args.hw else (peak_flops_for(name) if on_gpu else None)
+    probe = GPTLightningModule(model_config=model_config).model
+    per_token = flops_per_token(
+        probe.num_params(), model_config["n_layer"], model_config["n_head"], model_config["n_embd"], block
+    )
+    tokens = (args.steps - args.warmup) * args.micro_batch * args.accumulation * block
+    print(
+        f"device {name}; model={args.model} ({probe.num_params() / 1e6:.2f}M parameters), block {block}, "
+        f"micro-batch {args.micro_batch} x accumulation {args.accumulation}, {precision}, "
+        f"compile {'on' if args.compile else 'off'}; {args.steps - args.warmup} timed steps per round",
+        flush=True,
+    )
+
+    speeds = {"lightning": [], "bare loop": []}
+    memory = {"lightning": 0.0, "bare loop": 0.0}
+    for round_number in range(1, args.rounds + 1):
+        for label, run in (("lightning", lightning_round), ("bare loop", bare_round)):
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            seconds = run(args, model_config, windows, device, precision)
+            speeds[label].append(tokens / seconds)
+            if on_gpu:
+                memory[label] = max(memory[label], torch.cuda.max_memory_allocated() / 2**30)
+        print(
+            f"round {round_number}: lightning {speeds['lightning'][-1]:,.0f} tokens/s, "
+            f"bare loop {speeds['bare loop'][-1]:,.0f} tokens/s",
+            flush=True,
+        )
+
+    for label, values in speeds.items():
+        best = max(values)
+        mfu = f", MFU {model_flops_utilization(per_token, best, peak):.1%}" if peak else ""
+        mem = f", peak memory {memory[label]:.1f} GiB" if on_gpu else ""
+        print(f"{label:10s} {best:,.0f} tokens/s (best of {len(values)}){mfu}{mem}")
+    ratio = max(speeds["lightning"]) / max(speeds["bare loop"])
+    print(f"lightning / bare loop = {ratio:.3f} (target >= 0.97: {'met' if ratio >= 0.97 else 'MISSED'})")
+    if peak:
+        mfu = model_flops_utilization(per_token, max(speeds["lightning"]), peak)
+        print(
+            f"MFU against {peak / 1e12:.1f} TFLOPS (nanoGPT's formula, {per_token / 1e6:.1f}M FLOPs per token): "
+            f"{mfu:.1%}" + ("" if math.isfinite(mfu) else "")
+        )
+
+
+if __name__ == "__main__":
+    main()

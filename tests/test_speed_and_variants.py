@@ -1,0 +1,137 @@
+"""The fast path's switches and the variants that learn more per token: they must train, and
+change nothing they should not (parameter counts, losses with compile on or off)."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR
+from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.lit_module import CombinedOptimizer
+from fineweb_gpt.model import GPT, GPTConfig, KVCache
+from fineweb_gpt.train import train
+
+SMALL = [
+    "hw=cpu",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "hw.micro_batch_size=4",
+    "total_batch_tokens=256",
+    "data.val_tokens=512",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=2",
+    "trainer.max_steps=30",
+    "val_every_steps=30",
+]
+
+
+@pytest.mark.parametrize("preset", ["40m", "124m"])
+def test_modern_architecture_keeps_the_presets_parameter_count(preset):
+    config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{preset}.yaml"))
+    gpt2 = GPT(GPTConfig(**config)).num_params()
+    modern = GPT(GPTConfig(**{**config, "arch": "modern"}))
+    # SwiGLU's three matrices hold what GELU's two did; only QK-norm's gains (2 x head size per layer) are new.
+    assert modern.num_params() - gpt2 == config["n_layer"] * 2 * (config["n_embd"] // config["n_head"])
+    assert modern.position_embedding is None  # positions come from rotation inside attention
+    assert not any(name.endswith("bias") for name, _ in modern.named_parameters())
+
+
+def test_modern_generation_cache_matches_the_full_forward():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=24, n_layer=2, n_head=2, n_embd=32, arch="modern")).eval()
+    idx = torch.randint(0, 50257, (2, 24))
+    full = model.hidden_states(idx)
+    caches = [KVCache(24) for _ in model.blocks]
+    pieces = [model.hidden_states(idx[:, :10], caches)] + [
+        model.hidden_states(idx[:, i : i + 1], caches) for i in range(10, 24)
+    ]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_scores_depend_only_on_the_distance_between_positions():
+    from fineweb_gpt.model import Rotary
+
+    torch.manual_seed(0)
+    rotary = Rotary(head_size=16, block_size=64)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(query_position: int, key_position: int) -> float:
+        return (rotary(q, query_position) * rotary(k, key_position)).sum().item()
+
+    assert score(9, 4) == pytest.approx(score(40, 35), abs=1e-5)  # both 5 apart
+    assert score(9, 4) != pytest.approx(score(9, 8), abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(arch="llama"), "model.arch='llama' is not known"),
+        (dict(arch="modern", bias=True), "model.arch=modern has no biases"),
+        (dict(arch="modern", n_embd=36, n_head=4), "head size n_embd / n_head = 9 must be even"),
+    ],
+)
+def test_bad_architecture_settings_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        GPTConfig(**kwargs)
+
+
+@pytest.mark.parametrize("variant", [["model.arch=modern"], ["optim=muon"], ["model.arch=modern", "optim=muon"]])
+def test_modern_and_muon_variants_train(make_config, variant):
+    cfg = make_config(*SMALL, *variant)
+    final = train(cfg)
+    import csv
+
+    with open(Path(cfg.run_dir) / "csv" / "metrics.csv", newline="") as file:
+        val = [float(r["val/loss"]) for r in csv.DictReader(file) if r.get("val/loss")]
+    assert val[0] == pytest.approx(math.log(50304), abs=0.2)
+    assert final == val[-1] < val[0] - 0.5
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(make_config):
+    import lightning as L
+
+    from fineweb_gpt.lit_module import GPTLightningModule
+
+    module = GPTLightningModule(model_config=dict(block_size=8, n_layer=2, n_head=2, n_embd=16), optimizer="muon")
+    module.trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=False)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, CombinedOptimizer)
+    muon, adamw = optimizer.optimizers
+    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
+    block_matrices = {id(p) for p in module.model.blocks.parameters() if p.dim() == 2}
+    assert muon_params == block_matrices
+    adamw_params = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert id(module.model.token_embedding.weight) in adamw_params and not adamw_params & muon_params
+    # One scheduler reaches both, and the state round-trips through a checkpoint.
+    assert optimizer.param_groups == muon.param_groups + adamw.param_groups
+    optimizer.load_state_dict(optimizer.state_dict())
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_losses_on_the_cpu(make_config, tmp_path):
+    losses = {}
+    for compile_model in (False, True):
+        cfg = make_config(*SMALL, "trainer.max_steps=4", f"hw.compile={str(compile_model).lower()}")
+        cfg.run_dir = str(tmp_path / str(compile_model))
+        losses[compile_model] = train(cfg)
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_runs_on_the_cpu():
+    script = Path(__file__).parents[1] / "benchmarks" / "train_throughput.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--steps", "3", "--warmup", "1", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lightning / bare loop = " in result.stdout and "round 1: lightning" in result.stdout

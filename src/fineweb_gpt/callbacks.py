@@ -212,16 +212,18 @@ class RunMonitor(L.Callback):
         if step == self.last_step:  # still accumulating
             return
         self.last_step = step
-        strategy = trainer.strategy
-        tokens = int(strategy.reduce(torch.tensor(self.micro_tokens, device=pl_module.device), reduce_op="sum"))
+        tokens = self.micro_tokens * trainer.world_size  # every rank trains on same-shaped micro-batches
         self.tokens_seen += tokens
-        mean_loss = strategy.reduce(pl_module.step_loss, reduce_op="mean")  # its micro-batches, all ranks
         self.micro_tokens = 0
         if not self.logs_step(step):
             return
 
+        # The mean over the step's micro-batches, already read by the module; over all ranks, too.
+        loss = pl_module.step_loss_value
+        if trainer.world_size > 1:
+            loss = float(trainer.strategy.reduce(pl_module.step_loss, reduce_op="mean"))
         metrics = {
-            "train/loss": float(mean_loss),  # waits for the step's work to finish
+            "train/loss": loss,
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "tokens_seen": self.tokens_seen,
             "tokens_per_param": self.tokens_seen / self.plan["num_params"],

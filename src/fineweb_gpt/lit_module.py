@@ -112,6 +112,7 @@ class GPTLightningModule(L.LightningModule):
         self.guard = LossGuard(spike_factor, spike_action)
         # Of the last optimizer step: mean loss over its micro-batches, gradient norm before clipping.
         self.step_loss: torch.Tensor | None = None
+        self.step_loss_value: float | None = None  # the same, read once per step
         self.grad_norm: torch.Tensor | None = None
         self._loss_sum: torch.Tensor | None = None
         self._micro_batches = 0
@@ -175,15 +176,23 @@ class GPTLightningModule(L.LightningModule):
             limit = gradient_clip_val or float("inf")
             sharded = getattr(self.trainer.model, "clip_grad_norm_", None)  # FSDP: the norm over every shard
             self.grad_norm = sharded(limit) if sharded else torch.nn.utils.clip_grad_norm_(self.parameters(), limit)
-        self.judge_step(optimizer)
+        if self.guard.spike_factor is not None:  # judging before the update costs a wait for the GPU
+            self.judge_step(optimizer, float(self.step_loss), before_update=True)
 
-    def judge_step(self, optimizer) -> None:
-        """Stop before a non-finite loss reaches the weights; skip or stop on a spike if asked."""
-        loss = float(self.step_loss)  # one wait for the GPU per optimizer step, at its end
-        verdict = self.guard.verdict(loss)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # The one wait for the GPU per optimizer step, once the update is queued: a non-finite
+        # loss stops the run here, before any callback can checkpoint the damaged weights.
+        self.step_loss_value = float(self.step_loss)
+        if not math.isfinite(self.step_loss_value):
+            self.judge_step(optimizer, self.step_loss_value, before_update=False)
+
+    def judge_step(self, optimizer, loss: float, before_update: bool) -> None:
+        """Stop at a non-finite loss; skip or stop on a spike if asked (before the update only)."""
+        verdict = self.guard.verdict(loss) if before_update else "nonfinite"
         if verdict is None:
             return
-        step, lr = self.trainer.global_step + 1, optimizer.param_groups[0]["lr"]
+        step, lr = self.trainer.global_step + 1, optimizer.param_groups[0]["lr"]  # the step being taken
         checkpoint = self.trainer.checkpoint_callback.last_model_path if self.trainer.checkpoint_callback else ""
         kept = f"the last good checkpoint, {checkpoint}, is untouched" if checkpoint else "no checkpoint was saved yet"
         if verdict == "skip":
@@ -194,7 +203,7 @@ class GPTLightningModule(L.LightningModule):
             return
         what = f"train loss is {loss}" if verdict == "nonfinite" else f"train loss spiked to {loss:.4f}"
         raise ConfigError(
-            f"{what} at step {step} (lr {lr:.2e}); stopped before updating the weights, and {kept}: "
+            f"{what} at step {step} (lr {lr:.2e}); the run stopped there and {kept}: "
             "lower optim.lr or raise optim.warmup_steps, then resume from that checkpoint with ckpt_path=..."
         )
 

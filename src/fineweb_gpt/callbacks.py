@@ -212,6 +212,8 @@ class RunMonitor(L.Callback):
         if step == self.last_step:  # still accumulating
             return
         self.last_step = step
+        if 0 < trainer.max_steps <= step:
+            trainer.should_stop = True  # so that Lightning evaluates the final step too
         tokens = self.micro_tokens * trainer.world_size  # every rank trains on same-shaped micro-batches
         self.tokens_seen += tokens
         self.micro_tokens = 0
@@ -297,7 +299,8 @@ class RunMonitor(L.Callback):
         self.val_started = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
+        # The sanity check before a fresh run scores every validation batch: the step-0 evaluation.
+        if (trainer.sanity_checking and trainer.global_step > 0) or "val/loss" not in trainer.callback_metrics:
             return
         val_loss = float(trainer.callback_metrics["val/loss"])  # averaged over batches and ranks
         seconds = time.perf_counter() - self.val_started

@@ -326,6 +326,8 @@ def train(cfg: DictConfig) -> float | None:
         max_steps=max_steps,
         accumulate_grad_batches=accumulation,
         val_check_interval=cfg.val_every_steps * accumulation,
+        # A fresh run is scored before its first step, a resumed one where it left off.
+        num_sanity_val_steps=-1 if ckpt_path is None else 0,
         callbacks=callbacks,
         logger=loggers or False,
     )
@@ -340,8 +342,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = build(cfg.data, micro_batch_size=cfg.hw.micro_batch_size)
 
     try:
-        if ckpt_path is None:
-            trainer.validate(module, datamodule=datamodule, verbose=False)  # the starting val loss, at step 0
+        # One fit, evaluating at step 0, every val_every_steps and at the last step (see RunMonitor).
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         stopped_by = trainer.checkpoint_callback.stopped_by_signal if trainer.checkpoint_callback else None
         if stopped_by:
@@ -353,8 +354,6 @@ def train(cfg: DictConfig) -> float | None:
                 cfg.run_dir,
             )
             return None
-        if trainer.global_step % cfg.val_every_steps:
-            trainer.validate(module, datamodule=datamodule, verbose=False)  # the run ended between evaluations
     except torch.cuda.OutOfMemoryError as err:
         smaller = smaller_micro_batch(cfg.total_batch_tokens, cfg.hw.micro_batch_size, block_size, world_size)
         advice = (

@@ -17,6 +17,18 @@ import fineweb_gpt
 
 CONF_DIR = Path(fineweb_gpt.__file__).parent / "conf"
 
+# A model small enough to train for real in seconds on a CPU: 256 tokens per step in 2 micro-batches.
+SMALL = [
+    "hw=cpu",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "hw.micro_batch_size=4",
+    "total_batch_tokens=256",
+    "data.val_tokens=256",
+]
+
 # No test may reach the network or wait for a W&B login.
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

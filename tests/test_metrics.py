@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, recorded_batches, run_cli
+from conftest import SMALL as SMALL_RUN
 from fineweb_gpt.flops import (
     chinchilla_tokens,
     flops_per_token,
@@ -19,17 +20,7 @@ from fineweb_gpt.flops import (
 from fineweb_gpt.model import GPT, GPTConfig
 from fineweb_gpt.train import train
 
-SMALL = [
-    "hw=cpu",
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "hw.micro_batch_size=4",
-    "total_batch_tokens=256",
-    "data.val_tokens=256",
-    "optim.warmup_steps=1",
-]
+SMALL = [*SMALL_RUN, "optim.warmup_steps=1"]
 PER_STEP = {
     "train/loss",
     "lr",

@@ -7,23 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, recorded_batches, run_cli
+from conftest import CONF_DIR, SMALL, recorded_batches, run_cli
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.lit_module import learning_rate
 from fineweb_gpt.model import GPTConfig
 from fineweb_gpt.train import count_devices, gradient_accumulation, train
-
-# A model small enough to train for real in seconds on a CPU.
-SMALL = [
-    "hw=cpu",
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "hw.micro_batch_size=4",
-    "total_batch_tokens=256",
-    "data.val_tokens=256",
-]
 
 
 def test_accumulation_is_derived_from_the_token_budget():

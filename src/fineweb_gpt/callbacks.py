@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-from fineweb_gpt.flops import human_count, model_flops_utilization, size_mismatch
+from fineweb_gpt.flops import human_count, human_ratio, model_flops_utilization, size_mismatch
 from fineweb_gpt.health import RunHealth
 
 log = logging.getLogger("fineweb_gpt")
@@ -174,7 +174,7 @@ class RunMonitor(L.Callback):
             f"{s['micro_batch_size']} x block {s['block_size']} x accumulation {s['grad_accum']} x "
             f"{s['world_size']} device(s)",
             f"plan             {s['max_steps']:,} steps = {human_count(s['planned_tokens'])} tokens "
-            f"({s['planned_tokens'] / s['chinchilla_tokens']:.2f}x the Chinchilla-optimal "
+            f"({human_ratio(s['planned_tokens'] / s['chinchilla_tokens'])}x the Chinchilla-optimal "
             f"{human_count(s['chinchilla_tokens'])} for this size)",
             f"data             {data}",
             f"schedule         lr {s['lr']:g} -> {s['min_lr']:g} (cosine), warmup {s['warmup_steps']} steps, "

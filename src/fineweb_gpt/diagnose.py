@@ -25,6 +25,7 @@ from fineweb_gpt.flops import (
     PADDED_VOCAB_SIZE,
     gpu_profiles,
     human_count,
+    human_ratio,
     param_count,
     size_in_name,
 )
@@ -150,11 +151,6 @@ class Finding:
     title: str
     evidence: str  # the numbers behind it
     fix: str = ""  # the concrete change
-
-
-def human_ratio(x: float) -> str:
-    """Two decimals, or two significant digits for small ratios (0.0011, not 0.00)."""
-    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
 
 
 # --- model size ---------------------------------------------------------------------------

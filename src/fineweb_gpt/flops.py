@@ -73,6 +73,11 @@ def human_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def human_ratio(x: float) -> str:
+    """Two decimals, or two significant digits for small ratios (0.0011, not 0.00)."""
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
 def flops_per_token(num_params: int, n_layer: int, n_head: int, n_embd: int, block_size: int) -> int:
     head_size = n_embd // n_head
     return 6 * num_params + 12 * n_layer * n_head * head_size * block_size

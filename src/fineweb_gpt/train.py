@@ -50,7 +50,7 @@ def gradient_accumulation(total_batch_tokens: int, micro_batch_size: int, block_
     if total_batch_tokens <= 0 or total_batch_tokens % tokens_per_micro_step:
         multiple = max(1, round(total_batch_tokens / tokens_per_micro_step)) * tokens_per_micro_step
         raise ConfigError(
-            f"total_batch_tokens={total_batch_tokens} is not a multiple of hw.micro_batch_size x model.block_size x "
+            f"total_batch_tokens={total_batch_tokens} is not a multiple of hw.micro_batch_size x data.block_size x "
             f"world size = {micro_batch_size} x {block_size} x {world_size} = {tokens_per_micro_step}; "
             f"use total_batch_tokens={multiple} or change hw.micro_batch_size"
         )

@@ -152,6 +152,78 @@ def test_fsdp_preset_builds_a_strategy_that_shards_per_block(make_config):
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
 
 
+def metric_rows(run_dir: Path) -> dict[int, dict]:
+    """Step -> that step's training metrics (train/loss, grad_norm, tokens_seen, ...)."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        return {int(r["step"]): r for r in csv.DictReader(file) if r.get("train/loss")}
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_trains_like_ddp_and_resumes_exactly(tmp_path):
+    import torch
+
+    shape = [
+        "hw=cpu",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.block_size=32",
+        "hw.micro_batch_size=2",
+        "total_batch_tokens=256",
+        "data.val_tokens=256",
+        "trainer.devices=2",
+        "trainer.max_steps=6",
+        "optim.warmup_steps=2",
+        "val_every_steps=3",
+    ]
+    on_cpu = "trainer.strategy._target_=cpu_fsdp.CPUFSDPStrategy"  # tests/cpu_fsdp.py
+    tests = Path(__file__).parent
+    runs = {}
+    for name, extra in (("ddp", ["trainer=ddp"]), ("fsdp", ["trainer=fsdp", on_cpu])):
+        result = run_cli(*shape, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tests)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = metric_rows(tmp_path / name)
+    # Sharding changes where the sums happen, not what is computed: the same losses and norms.
+    assert sorted(runs["fsdp"]) == sorted(runs["ddp"]) == [1, 2, 3, 4, 5, 6]
+    for step, ddp in runs["ddp"].items():
+        fsdp = runs["fsdp"][step]
+        assert float(fsdp["train/loss"]) == pytest.approx(float(ddp["train/loss"]), abs=1e-4)
+        assert float(fsdp["grad_norm"]) == pytest.approx(float(ddp["grad_norm"]), rel=1e-3)
+        assert fsdp["tokens_seen"] == ddp["tokens_seen"] == str(step * 256)
+    assert float(runs["fsdp"][6]["train/loss"]) < float(runs["fsdp"][1]["train/loss"])
+
+    # Rank 0 writes one full checkpoint, with the plain model's keys, that resumes exactly.
+    saved = tmp_path / "fsdp" / "checkpoints" / "step000003.ckpt"
+    state = torch.load(saved, weights_only=True)["state_dict"]
+    assert "model.blocks.1.attn.qkv.weight" in state and state["model.blocks.1.attn.qkv.weight"].shape == (96, 32)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    (resumed / "checkpoints" / saved.name).write_bytes(saved.read_bytes())
+    result = run_cli(*shape, "trainer=fsdp", on_cpu, "resume=auto", f"hydra.run.dir={resumed}", cwd=tests)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = metric_rows(resumed)
+    assert sorted(after) == [4, 5, 6]
+    for step in after:
+        for key in ("train/loss", "grad_norm", "tokens_seen"):
+            assert after[step][key] == runs["fsdp"][step][key]
+
+
+@pytest.mark.parametrize(
+    "overrides, culprit",
+    [
+        (["hw=cpu", "trainer.devices=2"], "on the CPU; use trainer=ddp trainer.devices=2"),
+        (["hw=cpu", "trainer.strategy._target_=cpu_fsdp.CPUFSDPStrategy", "trainer.devices=1"], "1 process"),
+    ],
+)
+def test_fsdp_that_cannot_shard_is_refused_in_one_line(make_config, overrides, culprit):
+    from fineweb_gpt.errors import ConfigError
+    from fineweb_gpt.train import train
+
+    with pytest.raises(ConfigError, match=culprit) as error:
+        train(make_config("trainer=fsdp", *overrides))
+    assert "\n" not in str(error.value)
+
+
 def test_sweep_runs_are_separate_wandb_runs_grouped_by_the_sweep(tmp_path):
     result = run_cli(
         "-m", *TINY, "model.n_embd=32", "optim.min_lr=1e-4,3e-4", "logger=wandb", "logger.offline=true", cwd=tmp_path

@@ -57,6 +57,29 @@ def gradient_accumulation(total_batch_tokens: int, micro_batch_size: int, block_
     return total_batch_tokens // tokens_per_micro_step
 
 
+LIGHTNING_FSDP = "lightning.pytorch.strategies.FSDPStrategy"
+
+
+def check_fsdp(strategy, accelerator: str, world_size: int) -> None:
+    """trainer=fsdp needs CUDA GPUs and at least two processes to shard across."""
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    if "fsdp" not in target.lower():
+        return
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if (target == LIGHTNING_FSDP or target.startswith("fsdp")) and on_cpu:
+        raise ConfigError(
+            "trainer=fsdp shards the model across CUDA GPUs and this run is on the CPU; "
+            "use trainer=ddp trainer.devices=2 for several CPU processes"
+        )
+    if world_size < 2:
+        # One process has nothing to shard, and torch's FSDP then (NO_SHARD) fails in bf16 on
+        # the tied embedding: "attempting to assign a gradient with dtype BFloat16 ...".
+        raise ConfigError(
+            "trainer=fsdp with 1 process has nothing to shard; use trainer=default on one GPU, "
+            "or trainer.devices=2 (or more) to shard across GPUs"
+        )
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """'auto' means bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU."""
     if precision != "auto":
@@ -283,6 +306,7 @@ def train(cfg: DictConfig) -> float | None:
     model_config = GPTConfig(**cfg.model)
     block_size = cfg.data.block_size  # the training sequence length: the model's context, or shorter
     world_size = count_devices(cfg.trainer.devices, cfg.trainer.accelerator) * cfg.trainer.num_nodes
+    check_fsdp(cfg.trainer.strategy, cfg.trainer.accelerator, world_size)
     accumulation = gradient_accumulation(cfg.total_batch_tokens, cfg.hw.micro_batch_size, block_size, world_size)
     ckpt_path = resume_checkpoint(cfg)
 

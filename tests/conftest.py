@@ -52,6 +52,12 @@ def make_config(tmp_path):
     GlobalHydra.instance().clear()
 
 
+def quiet_cpu_trainer(**kwargs) -> L.Trainer:
+    """A Lightning Trainer on the CPU that writes nothing: no logs, checkpoints, bars or summary."""
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(accelerator="cpu", **quiet, **kwargs)
+
+
 def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m fineweb_gpt.train ARGS` the way a user does, offline."""
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}

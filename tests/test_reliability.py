@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import quiet_cpu_trainer, run_cli
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.flops import human_count, param_count
 from fineweb_gpt.lit_module import GPTLightningModule, LossGuard
@@ -201,13 +201,8 @@ def test_a_skipped_spike_leaves_the_weights_alone():
                 pl_module.checked = True
 
     windows = torch.randint(0, 100, (1, 9)).repeat(200, 1)  # one window, learned quickly
-    trainer = L.Trainer(
+    trainer = quiet_cpu_trainer(
         max_steps=44,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[Spike()],
     )
     trainer.fit(module, torch.utils.data.DataLoader(windows, batch_size=4))

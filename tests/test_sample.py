@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import quiet_cpu_trainer
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.model import GPT, GPTConfig, KVCache
 from fineweb_gpt.sample import generate_samples, load_model, main
@@ -20,13 +21,8 @@ def memorised_checkpoint(tmp_path_factory):
     L.seed_everything(0)
     model_config = dict(block_size=BLOCK, n_layer=1, n_head=2, n_embd=64)
     module = GPTLightningModule(model_config=model_config, lr=1e-2, min_lr=1e-3, warmup_steps=10)
-    trainer = L.Trainer(
+    trainer = quiet_cpu_trainer(
         max_steps=120,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     loader = DataLoader(windows, batch_size=8, shuffle=True)  # (batch, block + 1) windows, as training uses
     trainer.fit(module, loader)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, SMALL, recorded_batches, run_cli
+from conftest import CONF_DIR, SMALL, quiet_cpu_trainer, recorded_batches, run_cli
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.lit_module import learning_rate
 from fineweb_gpt.model import GPTConfig
@@ -175,14 +175,9 @@ def test_gradients_are_clipped_to_the_trainer_norm():
 
             trainer.optimizers[0].register_step_post_hook(record)  # grads are clipped in place
 
-    trainer = L.Trainer(
+    trainer = quiet_cpu_trainer(
         max_steps=3,
         gradient_clip_val=0.05,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[NormAtStep()],
     )
     windows = torch.randint(0, 50257, (12, 9))

@@ -23,13 +23,14 @@ def trial(model: str, micro_batch: int, memory_gb: float, compile_model: bool) -
     import torch
 
     from fineweb_gpt.lit_module import GPTLightningModule
+    from fineweb_gpt.model import compile_gpt
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gb * 2**30 / total))
     torch.backends.cuda.matmul.allow_tf32 = True
     model_config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml"))
     gpt = GPTLightningModule(model_config=model_config).model.cuda()
-    step_model = torch.compile(gpt) if compile_model else gpt
+    step_model = compile_gpt(gpt) if compile_model else gpt
     optimizer = torch.optim.AdamW(gpt.parameters(), lr=1e-4, fused=True)
     block = model_config["block_size"]
     try:

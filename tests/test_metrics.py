@@ -5,10 +5,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, recorded_batches, run_cli
 from conftest import SMALL as SMALL_RUN
+from fineweb_gpt.callbacks import RunMonitor
 from fineweb_gpt.flops import (
     chinchilla_tokens,
     flops_per_token,
@@ -141,6 +143,21 @@ def test_every_metric_per_optimizer_step_with_accumulation(make_config, tmp_path
     # The learning rate each step used: warmup of 1 step, then cosine down to min_lr at step 6.
     lrs = column(steps, "lr")
     assert lrs[0] == pytest.approx(cfg.optim.lr) and lrs == sorted(lrs, reverse=True)
+
+
+def test_progress_bar_values_are_handed_to_lightning_on_the_host():
+    # Lightning reads every progress-bar value back after each micro-batch; one it holds on
+    # the GPU (what it makes of a plain number) costs a wait for the GPU every micro-batch.
+    logged = {}
+
+    class Module:
+        def log(self, key, value, **kwargs):
+            logged[key] = value
+
+    RunMonitor.show_in_progress_bar(Module(), {"train/loss": 3.25, "tokens_per_sec": 5e5, "mfu": 0.4, "lr": 1e-3})
+    assert set(logged) == {"loss", "tok/s", "mfu"}
+    assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in logged.values())
+    assert [float(logged[k]) for k in ("loss", "tok/s", "mfu")] == [3.25, 5e5, pytest.approx(0.4)]
 
 
 def test_summary_is_written_and_printed(make_config, caplog):

@@ -5,7 +5,7 @@ import torch
 
 from fineweb_gpt.data import bundled_sample_path, read_documents, tokenize_documents
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.model import GPT, GPTConfig
+from fineweb_gpt.model import GPT, GPTConfig, HeadCrossEntropy, compile_gpt
 
 
 @pytest.mark.parametrize("preset, millions", [("40m", 40.56), ("124m", 123.59)])
@@ -86,3 +86,43 @@ def test_tiny_model_memorises_one_batch():
         loss.backward()
         optimizer.step()
     assert loss.item() < 1.0
+
+
+def test_fused_head_loss_and_gradients_match_cross_entropy_on_logits():
+    # What compiled training runs instead of lm_head + F.cross_entropy: 37 rows in chunks of 10
+    # (the last one partial), and a scaled upstream gradient, as gradient accumulation gives.
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (37,))
+    loss = HeadCrossEntropy.apply(hidden, weight, targets, 10)
+    (loss / 4).backward()
+    fused_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
+    (expected / 4).backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(fused_grads[0], hidden.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fused_grads[1], weight.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_fuses_the_head_and_matches_eager():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=512, n_layer=2, n_head=2, n_embd=32))
+    tokens = torch.randint(0, 512, (4, 33))
+    losses, grads = [], []
+    for step_model in (model, compile_gpt(model)):
+        logits, loss = step_model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    assert logits is None  # compiled training never materialises the logits
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # evaluation keeps the plain path and its logits
+        logits, loss = compile_gpt(model)(tokens[:, :-1], tokens[:, 1:])
+    assert logits.shape == (4, 32, 512) and loss.item() == pytest.approx(losses[0], rel=1e-5)

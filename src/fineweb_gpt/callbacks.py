@@ -247,7 +247,7 @@ class RunMonitor(L.Callback):
                     self.plan["flops_per_token"], tokens / seconds, self.plan["peak_flops"], trainer.world_size
                 )
         self.log_metrics(trainer, metrics, step)
-        self.show_in_progress_bar(trainer, pl_module, metrics)
+        self.show_in_progress_bar(pl_module, metrics)
         if self.timed_steps == 5 and trainer.is_global_zero:
             log.info(
                 "Measured over 5 steps: %.0f tokens/s%s; estimated time to finish: %s",
@@ -270,14 +270,18 @@ class RunMonitor(L.Callback):
         per_eval = sum(self.val_seconds) / len(self.val_seconds) if self.val_seconds else 0.0
         return remaining * per_step + math.ceil(remaining / self.plan["val_every_steps"]) * per_eval
 
-    def show_in_progress_bar(self, trainer, pl_module, metrics: dict) -> None:
+    @staticmethod
+    def show_in_progress_bar(pl_module: L.LightningModule, metrics: dict) -> None:
         shown = {"loss": metrics["train/loss"]}
         if "tokens_per_sec" in metrics:
             shown["tok/s"] = metrics["tokens_per_sec"]
         if "mfu" in metrics:
             shown["mfu"] = metrics["mfu"]
         for key, value in shown.items():
-            pl_module.log(key, value, prog_bar=True, logger=False, rank_zero_only=True)
+            # As a CPU tensor: Lightning turns a number into a tensor on the GPU, and then reads
+            # every progress-bar value back at the end of every micro-batch, a wait for the GPU
+            # each time (measured: the Lightning path 4% slower than a bare loop on an H100).
+            pl_module.log(key, torch.tensor(float(value)), prog_bar=True, logger=False, rank_zero_only=True)
 
     def log_metrics(self, trainer: L.Trainer, metrics: dict, step: int) -> None:
         for logger in trainer.loggers:

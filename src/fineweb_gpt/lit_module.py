@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.model import GPT, GPTConfig
+from fineweb_gpt.model import GPT, GPTConfig, compile_gpt
 from fineweb_gpt.tokenizer import END_OF_TEXT_ID, GPT2_RANKS_SHA256
 
 
@@ -100,6 +100,7 @@ class GPTLightningModule(L.LightningModule):
         spike_factor: float | None = None,
         spike_action: str = "stop",
         compile_model: bool = False,
+        compile_tuning: bool = False,
     ):
         super().__init__()
         # Stored in every checkpoint, so a checkpoint alone can rebuild the model.
@@ -125,7 +126,7 @@ class GPTLightningModule(L.LightningModule):
         # Compiled once the model is on its device; kept outside the module tree so that
         # checkpoints hold the plain model's keys either way.
         if self.hparams.compile_model and "compiled" not in self.__dict__:
-            self.__dict__["compiled"] = torch.compile(self.model)
+            self.__dict__["compiled"] = compile_gpt(self.model, self.hparams.compile_tuning)
 
     @property
     def step_model(self):

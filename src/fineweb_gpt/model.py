@@ -194,6 +194,55 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
 
+def compile_gpt(model: "GPT", tuning: bool = False):
+    """torch.compile the model. tuning lets inductor time launch settings for each of its
+    fused kernels (coordinate descent): about 3% faster for 124m on an H100, for about three
+    more minutes of compiling the first time (the results are cached on disk)."""
+    return torch.compile(model, options={"coordinate_descent_tuning": True} if tuning else None)
+
+
+# Rows of logits the fused head + loss holds at once: 16384 x 50304 bf16 is 1.6 GB.
+LOSS_CHUNK_ROWS = 16384
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of hidden @ weight.T against targets, and its gradients, in one pass.
+
+    The plain head writes (tokens, vocab) logits, keeps them for the backward pass, then fills a
+    zero gradient of the same size and reads everything again: for 124m at micro-batch 64 that
+    is 6.6 GB moved several times per micro-batch. Here each chunk of rows is turned into
+    logits, loss and logit gradient at once, and the logit gradient goes straight into the
+    hidden-state and weight gradients; no logits outlive their chunk. Under torch.compile the
+    softmax arithmetic of a chunk fuses into one kernel. Matmuls follow autocast; the softmax
+    is in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int):
+        rows = hidden.size(0)
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_hidden = []
+        for start in range(0, rows, chunk_rows):
+            h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+            logits = h @ weight.t()
+            logits32 = logits.float()
+            log_norm = torch.logsumexp(logits32, dim=-1)
+            loss_sum = loss_sum + (log_norm - logits32.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+            # d(mean loss)/d(logits) = (softmax - one_hot(target)) / rows
+            is_target = torch.arange(logits.size(1), device=t.device) == t.unsqueeze(1)
+            grad_logits = ((torch.exp(logits32 - log_norm.unsqueeze(1)) - is_target.float()) / rows).to(logits.dtype)
+            grad_hidden.append(grad_logits @ weight)
+            grad_weight = grad_weight + (grad_logits.t() @ h).float()
+        ctx.save_for_backward(torch.cat(grad_hidden).to(hidden.dtype), grad_weight)
+        return loss_sum / rows
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -233,10 +282,18 @@ class GPT(nn.Module):
         return total
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx: (batch, seq) token ids. Returns (logits, loss); loss is None without targets."""
-        logits = self.lm_head(self.hidden_states(idx))
+        """idx: (batch, seq) token ids. Returns (logits, loss); loss is None without targets.
+
+        Compiled and training, the logits are never returned (None): the head and the loss are
+        fused chunk by chunk (see HeadCrossEntropy), which is faster and saves their memory.
+        """
+        hidden = self.hidden_states(idx)
         if targets is None:
-            return logits, None
+            return self.lm_head(hidden), None
+        if torch.compiler.is_compiling() and torch.is_grad_enabled():
+            hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+            return None, HeadCrossEntropy.apply(hidden, self.lm_head.weight, targets, LOSS_CHUNK_ROWS)
+        logits = self.lm_head(hidden)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 

@@ -317,6 +317,7 @@ def train(cfg: DictConfig) -> float | None:
         spike_factor=cfg.loss_guard.spike_factor,
         spike_action=cfg.loss_guard.action,
         compile_model=cfg.hw.compile,
+        compile_tuning=cfg.hw.get("compile_tuning", False),
     )
     num_params = module.model.num_params()
     max_steps = planned_steps(cfg, num_params)

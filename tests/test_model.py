@@ -126,3 +126,23 @@ def test_compiled_training_step_fuses_the_head_and_matches_eager():
     with torch.no_grad():  # evaluation keeps the plain path and its logits
         logits, loss = compile_gpt(model)(tokens[:, :-1], tokens[:, 1:])
     assert logits.shape == (4, 32, 512) and loss.item() == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_fused_head_under_bf16_autocast_stays_close_to_fp32():
+    # Under autocast the head's matmuls run in bf16 while the softmax stays in fp32; gradients
+    # come back in the parameters' own dtype.
+    torch.manual_seed(0)
+    hidden = torch.randn(64, 32, requires_grad=True)
+    weight = (0.1 * torch.randn(300, 32)).requires_grad_()
+    targets = torch.randint(0, 300, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = HeadCrossEntropy.apply(hidden, weight, targets, 16)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
+    fused_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-2)
+    torch.testing.assert_close(fused_grads[0], hidden.grad, rtol=0.05, atol=2e-4)
+    torch.testing.assert_close(fused_grads[1], weight.grad, rtol=0.05, atol=2e-4)

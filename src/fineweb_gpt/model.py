@@ -229,12 +229,13 @@ class HeadCrossEntropy(torch.autograd.Function):
             logits32 = logits.float()
             log_norm = torch.logsumexp(logits32, dim=-1)
             loss_sum = loss_sum + (log_norm - logits32.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
-            # d(mean loss)/d(logits) = (softmax - one_hot(target)) / rows
+            # d(summed loss)/d(logits) = softmax - one_hot(target), within [-1, 1]; the division
+            # by rows for the mean comes after the matmuls, so fp16 does not flush it to zero.
             is_target = torch.arange(logits.size(1), device=t.device) == t.unsqueeze(1)
-            grad_logits = ((torch.exp(logits32 - log_norm.unsqueeze(1)) - is_target.float()) / rows).to(logits.dtype)
+            grad_logits = (torch.exp(logits32 - log_norm.unsqueeze(1)) - is_target.float()).to(logits.dtype)
             grad_hidden.append(grad_logits @ weight)
             grad_weight = grad_weight + (grad_logits.t() @ h).float()
-        ctx.save_for_backward(torch.cat(grad_hidden).to(hidden.dtype), grad_weight)
+        ctx.save_for_backward(torch.cat(grad_hidden).float().div_(rows).to(hidden.dtype), grad_weight.div_(rows))
         return loss_sum / rows
 
     @staticmethod

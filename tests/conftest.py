@@ -105,6 +105,57 @@ class SlowValidation(L.Callback):
         time.sleep(self.seconds)
 
 
+class PauseMidStep(L.Callback):
+    """Makes the first micro-batch after `step` optimizer steps start `seconds` late: a slow
+    moment part way through a gradient accumulation."""
+
+    def __init__(self, step: int, seconds: float):
+        self.step, self.seconds, self.paused = step, seconds, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and not self.paused:
+            self.paused = True
+            time.sleep(self.seconds)
+
+
+class MidStepCollectives(L.Callback):
+    """Counts, per rank, the collective calls (broadcast, all-reduce, barrier, ...) made while an
+    optimizer step is part way through its gradient accumulation. Under NCCL each one makes the
+    CPU wait for the GPU in the middle of the step. Writes the count to `path`.rank<N>."""
+
+    NAMES = ("broadcast", "broadcast_object_list", "all_reduce", "all_gather", "all_gather_object", "barrier")
+
+    def __init__(self, path: str):
+        self.path, self.calls, self.mid_step = path, 0, False
+        self.originals = {}
+
+    def setup(self, trainer, pl_module, stage):
+        import torch.distributed as dist
+
+        for name in self.NAMES:
+            self.originals[name] = original = getattr(dist, name)
+
+            def counted(*args, _original=original, **kwargs):
+                self.calls += self.mid_step
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+
+    # Part way through a step: from a backward pass until the optimizer step that uses its gradients.
+    def on_after_backward(self, trainer, pl_module):
+        self.mid_step = True
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.mid_step = False
+
+    def teardown(self, trainer, pl_module, stage):
+        import torch.distributed as dist
+
+        for name, original in self.originals.items():
+            setattr(dist, name, original)
+        Path(f"{self.path}.rank{trainer.global_rank}").write_text(str(self.calls))
+
+
 class SignalAtStep(L.Callback):
     """Sends this process a signal once `step` optimizer steps are done (SIGKILL: a crash).
 

@@ -236,30 +236,36 @@ def test_wandb_offline_run_keeps_metrics_and_resumes_the_same_run(make_config, t
 
 
 @pytest.mark.slow
-def test_two_ranks_keep_the_global_batch_count_tokens_exactly_and_see_different_data(tmp_path):
-    record = tmp_path / "batches"
+def test_two_ranks_keep_the_global_batch_count_tokens_exactly_and_never_wait_mid_step(tmp_path):
+    record, waits = tmp_path / "batches", tmp_path / "waits"
     result = run_cli(
-        *SMALL,
+        *[arg for arg in SMALL if not arg.startswith("total_batch_tokens=")],
+        "total_batch_tokens=512",
         "trainer=ddp",
         "trainer.devices=2",
         "trainer.max_steps=4",
         "val_every_steps=2",
         "+callbacks.recorder._target_=conftest.BatchRecorder",
         f"+callbacks.recorder.path={record}",
+        "+callbacks.waits._target_=conftest.MidStepCollectives",
+        f"+callbacks.waits.path={waits}",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=Path(__file__).parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
-    # One process would take 2 micro-batches of 4 x 32 per step; two take 1 each: still 256 tokens.
-    assert (summary["world_size"], summary["grad_accum"], summary["tokens_per_step"]) == (2, 1, 256)
+    # One process would take 4 micro-batches of 4 x 32 per step; two take 2 each: still 512 tokens.
+    assert (summary["world_size"], summary["grad_accum"], summary["tokens_per_step"]) == (2, 2, 512)
     micro = recorded_batches(record)
-    assert len(micro) == 8  # 2 ranks x 4 steps x 1 micro-batch
+    assert len(micro) == 16  # 2 ranks x 4 steps x 2 micro-batches
     rows = read_metrics(tmp_path / "run")
     seen = column(rows, "tokens_seen")
-    assert seen[-1] == sum(tokens for *_, tokens, _ in micro) == 4 * 256
-    assert len({digest for _, digest, _, _ in micro}) == 8  # each rank trains on different data
+    assert seen[-1] == sum(tokens for *_, tokens, _ in micro) == 4 * 512
+    assert len({digest for _, digest, _, _ in micro}) == 16  # each rank trains on different data
     assert (result.stdout + result.stderr).count("Run summary") == 1  # rank 0 only
+    # Between a step's micro-batches no rank talks to the other (Lightning's SIGTERM flag and its
+    # time-based checkpoint check would, each micro-batch): the ranks' GPUs never wait mid-step.
+    assert [int((tmp_path / f"waits.rank{rank}").read_text()) for rank in (0, 1)] == [0, 0]
 
 
 def test_health_problems_are_warned_once_in_the_log_and_the_logger(make_config, tmp_path, caplog):

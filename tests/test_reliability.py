@@ -106,6 +106,30 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_good_one(tmp_p
 
 
 @pytest.mark.slow
+def test_a_checkpoint_due_by_the_clock_waits_for_the_end_of_the_step(tmp_path, uninterrupted):
+    # Checkpoints every 3 s, and the first micro-batch of step 2 starts 4 s late: the time is up
+    # half way through step 2's accumulation. The save must wait for the step to end, or a run
+    # resumed from it would skip the micro-batch already trained and lose its gradients.
+    run_dir = tmp_path / "run"
+    by_the_clock = [
+        *(arg for arg in RUN if not arg.startswith("callbacks.model_checkpoint.every_n_train_steps=")),
+        "callbacks.model_checkpoint.every_n_train_steps=1000",
+        "callbacks.model_checkpoint.every_n_minutes=0.05",
+        "+callbacks.pause._target_=conftest.PauseMidStep",
+        "+callbacks.pause.step=1",
+        "+callbacks.pause.seconds=4",
+        "+callbacks.kill._target_=conftest.SignalAtStep",
+        "+callbacks.kill.step=3",
+    ]
+    killed = train_cli(*by_the_clock, f"hydra.run.dir={run_dir}")
+    assert killed.returncode == -9
+    assert [path.name for path in (run_dir / "checkpoints").glob("step*.ckpt")] == ["step000002.ckpt"]
+    resumed = train_cli(*RUN, "resume=auto", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_continues_exactly(run_dir, uninterrupted)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
 def test_preemption_signal_saves_and_exits_cleanly(tmp_path, uninterrupted, signal_name):
     run_dir = tmp_path / "run"

@@ -25,7 +25,8 @@ class StepCheckpoint(ModelCheckpoint):
     """ModelCheckpoint for step-budgeted runs that may be killed or preempted.
 
     Saves every `every_n_train_steps` steps and every `every_n_minutes` minutes (Lightning
-    refuses the two together, though its saving logic handles both), at the end of
+    refuses the two together, though its saving logic handles both), always between
+    optimizer steps, never part way through a gradient accumulation; at the end of
     training (Lightning saves then only if it never saved), and when SIGTERM or SIGUSR1
     (SLURM's warning before the time limit) arrives: at the end of the current optimizer
     step it saves and stops the run, and on SIGUSR1 under SLURM it requeues the job.
@@ -47,15 +48,23 @@ class StepCheckpoint(ModelCheckpoint):
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(signum, self._remember_signal)  # Lightning restores its own after fit
+            # With its handler replaced, Lightning's SIGTERM flag stays down, yet under DDP its loop
+            # broadcasts that flag before every micro-batch: a wait for the GPU each time
+            # (Lightning-AI/pytorch-lightning#21487). Ours is shared once per optimizer step instead.
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     def _remember_signal(self, signum: int, frame) -> None:
         self.signal_received = signum
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Saving and stopping wait for the end of the optimizer step. Lightning would take a
+        # time-based checkpoint part way through one, and a run resumed from it would lose the
+        # micro-batches already accumulated; under DDP its per-micro-batch check is also a
+        # broadcast, a wait for the GPU.
         if trainer.global_step == self._steps_seen:
-            return  # still accumulating: stop only between optimizer steps
+            return
         self._steps_seen = trainer.global_step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # Every rank stops at the same step, whichever of them got the signal.
         if not trainer.strategy.reduce_boolean_decision(self.signal_received is not None, all=False):
             return

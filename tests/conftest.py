@@ -156,6 +156,27 @@ class MidStepCollectives(L.Callback):
         Path(f"{self.path}.rank{trainer.global_rank}").write_text(str(self.calls))
 
 
+class NoGPUWaitMidStep(L.Callback):
+    """From optimizer step `after` on (compiling waits for the GPU while it tunes), makes any wait
+    for the GPU between a backward pass and the optimizer step an error, through
+    torch.cuda.set_sync_debug_mode. Writes how many backward passes it watched to `path`."""
+
+    def __init__(self, path: str, after: int = 2):
+        self.path, self.after, self.watched = path, after, 0
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step >= self.after:
+            self.watched += 1
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        torch.cuda.set_sync_debug_mode("default")
+
+    def teardown(self, trainer, pl_module, stage):
+        torch.cuda.set_sync_debug_mode("default")
+        Path(self.path).write_text(str(self.watched))
+
+
 class SignalAtStep(L.Callback):
     """Sends this process a signal once `step` optimizer steps are done (SIGKILL: a crash).
 

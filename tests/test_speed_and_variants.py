@@ -135,3 +135,24 @@ def test_throughput_benchmark_runs_on_the_cpu():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lightning / bare loop = " in result.stdout and "round 1: lightning" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks that training never waits for it")
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_training_never_waits_for_the_gpu_between_micro_batches(make_config, tmp_path, compile_model):
+    watched = tmp_path / "watched"
+    shape = [a for a in SMALL if not a.startswith(("hw=", "total_batch_tokens=", "trainer.max_steps=", "val_every"))]
+    cfg = make_config(
+        *shape,
+        "hw=auto",
+        "total_batch_tokens=1024",  # 8 micro-batches of 4 x 32 per step
+        "trainer.max_steps=6",
+        "val_every_steps=3",
+        f"hw.compile={str(compile_model).lower()}",
+        "+callbacks.no_wait._target_=conftest.NoGPUWaitMidStep",
+        f"+callbacks.no_wait.path={watched}",
+    )
+    final_val_loss = train(cfg)  # a wait mid-step raises "called a synchronizing CUDA operation"
+    assert math.isfinite(final_val_loss)
+    assert int(watched.read_text()) == 4 * 8  # steps 3 to 6 were watched, every micro-batch

@@ -1,6 +1,7 @@
 """Crashes, kills, preemption, divergence and bad configuration, as users meet them."""
 
 import csv
+import json
 import os
 import stat
 from pathlib import Path
@@ -143,9 +144,13 @@ def test_preemption_signal_saves_and_exits_cleanly(tmp_path, uninterrupted, sign
     assert f"Stopped by {signal_name} at step 3" in stopped.stdout + stopped.stderr
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 3  # saved at the step it stopped, not at the last periodic save (2)
+    # A sweep's table must not count it as finished.
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "stopped" and "at step 3 of 10" in result["error"] and "resume=auto" in result["error"]
     resumed = train_cli(*RUN, "resume=auto", f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_continues_exactly(run_dir, uninterrupted)
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "completed"
 
 
 @pytest.mark.slow

@@ -27,6 +27,12 @@ from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.model import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
 
 log = logging.getLogger("fineweb_gpt")
+
+
+class RunStopped(Exception):
+    """SIGTERM or SIGUSR1 stopped the run after it saved; the message says how to resume it."""
+
+
 CONF_DIR = Path(__file__).parent / "conf"
 # Every DDP process runs this script; only the first one reports.
 log.addFilter(lambda record: rank_zero_only.rank == 0)
@@ -295,7 +301,8 @@ def finish_wandb_run(trainer: L.Trainer) -> None:
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Run one training job; returns the final validation loss (for sweepers)."""
+    """Run one training job; returns the final validation loss (for sweepers). Raises RunStopped
+    when a signal stopped it part way."""
     choices = cfg_choices()
     hw_name = choices.get("hw", "custom")
     check_config(cfg, hw_name)
@@ -371,14 +378,10 @@ def train(cfg: DictConfig) -> float | None:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         stopped_by = trainer.checkpoint_callback.stopped_by_signal if trainer.checkpoint_callback else None
         if stopped_by:
-            log.info(
-                "Stopped by %s at step %d and saved %s; resume with resume=auto hydra.run.dir=%s",
-                stopped_by,
-                trainer.global_step,
-                trainer.checkpoint_callback.last_model_path,
-                cfg.run_dir,
+            raise RunStopped(
+                f"Stopped by {stopped_by} at step {trainer.global_step} of {trainer.max_steps} and saved "
+                f"{trainer.checkpoint_callback.last_model_path}; resume with resume=auto hydra.run.dir={cfg.run_dir}"
             )
-            return None
     except torch.cuda.OutOfMemoryError as err:
         smaller = smaller_micro_batch(cfg.total_batch_tokens, cfg.hw.micro_batch_size, block_size, world_size)
         advice = (
@@ -458,6 +461,12 @@ def main(cfg: DictConfig) -> float | None:
         final_val_loss = train(cfg)
         write_result(cfg.run_dir, "completed", final_val_loss=final_val_loss)
         return final_val_loss
+    except RunStopped as stop:
+        # Not finished, yet not a failure: exit 0, so that a requeued job can resume.
+        log.info("%s", stop)
+        write_result(cfg.run_dir, "stopped", error=str(stop))
+        if not in_multirun():
+            return None
     except ConfigError as err:
         write_result(cfg.run_dir, "failed", error=error_line(err))
         if not in_multirun():

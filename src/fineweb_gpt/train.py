@@ -462,7 +462,8 @@ def main(cfg: DictConfig) -> float | None:
         write_result(cfg.run_dir, "completed", final_val_loss=final_val_loss)
         return final_val_loss
     except RunStopped as stop:
-        # Not finished, yet not a failure: exit 0, so that a requeued job can resume.
+        # Not finished, yet not a failure: a single run exits 0, so that a requeued job can
+        # resume; in a sweep its value is NaN, as a failed run's is.
         log.info("%s", stop)
         write_result(cfg.run_dir, "stopped", error=str(stop))
         if not in_multirun():

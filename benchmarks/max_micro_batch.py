@@ -11,11 +11,8 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from omegaconf import OmegaConf
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "src" / "fineweb_gpt" / "conf"
+from fineweb_gpt.config_files import load_option
 
 
 def trial(model: str, micro_batch: int, memory_gb: float, compile_model: bool) -> dict:
@@ -28,7 +25,7 @@ def trial(model: str, micro_batch: int, memory_gb: float, compile_model: bool) -
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gb * 2**30 / total))
     torch.backends.cuda.matmul.allow_tf32 = True
-    model_config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml"))
+    model_config = load_option("model", model)
     gpt = GPTLightningModule(model_config=model_config).model.cuda()
     step_model = compile_gpt(gpt) if compile_model else gpt
     optimizer = torch.optim.AdamW(gpt.parameters(), lr=1e-4, fused=True)

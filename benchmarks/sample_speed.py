@@ -9,14 +9,11 @@ it each step runs one token through the model. Weights are random: speed does no
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
+from fineweb_gpt.config_files import load_option
 from fineweb_gpt.model import GPT, GPTConfig
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "src" / "fineweb_gpt" / "conf"
 
 
 def seconds(model: GPT, prompt: torch.Tensor, new_tokens: int, use_cache: bool) -> float:
@@ -41,7 +38,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    config = GPTConfig(**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml")))
+    config = GPTConfig(**load_option("model", args.model))
     if args.prompt_tokens + args.new_tokens > config.block_size:
         parser.error(f"prompt + new tokens exceed block_size={config.block_size}: past it both paths recompute")
     model = GPT(config).to(args.device).eval()

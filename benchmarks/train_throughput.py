@@ -17,20 +17,18 @@ import logging
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from fineweb_gpt.callbacks import RunMonitor
-from fineweb_gpt.flops import flops_per_token, gpu_profiles, model_flops_utilization, peak_flops_for
+from fineweb_gpt.config_files import load_option
+from fineweb_gpt.flops import flops_per_token, gpu_for_device, gpu_table, model_flops_utilization
 from fineweb_gpt.lit_module import GPTLightningModule, learning_rate
 from fineweb_gpt.model import GPTConfig, compile_gpt
 from fineweb_gpt.train import run_plan
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "src" / "fineweb_gpt" / "conf"
 LR, MIN_LR, WARMUP = 6e-4, 6e-5, 2
 
 
@@ -155,13 +153,17 @@ def main() -> None:
     if on_gpu:
         torch.set_float32_matmul_precision("high")
     precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
-    model_config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"))
+    model_config = load_option("model", args.model)
     block = model_config["block_size"]
     total = args.micro_batch * args.accumulation * args.steps
     windows = torch.randint(0, 50257, (total, block + 1), generator=torch.Generator().manual_seed(0))
 
     name = torch.cuda.get_device_name() if on_gpu else "cpu"
-    peak = gpu_profiles()[args.hw].peak_flops if args.hw else (peak_flops_for(name) if on_gpu else None)
+    peak = (
+        gpu_table()[args.hw].peak_flops
+        if args.hw
+        else (getattr(gpu_for_device(name), "peak_flops", None) if on_gpu else None)
+    )
     probe = GPTLightningModule(model_config=model_config).model
     per_token = flops_per_token(
         probe.num_params(), model_config["n_layer"], model_config["n_head"], model_config["n_embd"], block

@@ -75,7 +75,7 @@ def metric_rows(
     rng = np.random.default_rng(seed)
     per_step, max_steps = summary["tokens_per_step"], summary["max_steps"]
     step_time_ms = 1000 * per_step * summary["flops_per_token"] / (mfu * summary["peak_flops"])
-    rows = [{"step": 0, "val/loss": INITIAL_LOSS, "tokens_seen": 0, "epoch": 0.0}]
+    rows = [{"step": 0, "val/loss": INITIAL_LOSS, "data/tokens_seen": 0, "data/epoch": 0.0}]
     for step in range(1, max_steps + 1):
         tokens = step * per_step
         scheduled = learning_rate(step, summary["lr"], summary["min_lr"], summary["warmup_steps"], max_steps)
@@ -84,14 +84,14 @@ def metric_rows(
             {
                 "step": step,
                 "train/loss": train_loss(tokens) + rng.normal(0, 3 * noise),
-                "lr": lr,
-                "grad_norm": 0.5,
-                "tokens_seen": tokens,
-                "tokens_per_sec": per_step / step_time_ms * 1000,
-                "step_time_ms": step_time_ms * (1 + rng.normal(0, 0.01)),
-                "mfu": mfu * (1 + rng.normal(0, 0.01)),
-                "epoch": tokens / summary["unique_train_tokens"],
-                "tokens_per_param": tokens / summary["num_params"],
+                "train/lr": lr,
+                "train/grad_norm": 0.5,
+                "data/tokens_seen": tokens,
+                "perf/tokens_per_sec": per_step / step_time_ms * 1000,
+                "perf/step_time_ms": step_time_ms * (1 + rng.normal(0, 0.01)),
+                "perf/mfu": mfu * (1 + rng.normal(0, 0.01)),
+                "data/epoch": tokens / summary["unique_train_tokens"],
+                "data/tokens_per_param": tokens / summary["num_params"],
             }
         )
         if step % eval_every == 0 or step == max_steps:
@@ -101,8 +101,8 @@ def metric_rows(
                     "val/loss": val_loss(tokens) + rng.normal(0, noise),
                     "val/ppl": math.exp(val_loss(tokens)),
                     "val/time_ms": 900.0,
-                    "tokens_seen": tokens,
-                    "epoch": tokens / summary["unique_train_tokens"],
+                    "data/tokens_seen": tokens,
+                    "data/epoch": tokens / summary["unique_train_tokens"],
                 }
             )
     return rows

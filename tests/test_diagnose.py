@@ -11,7 +11,6 @@ from doctor_fixtures import (
     run_summary,
 )
 from fineweb_gpt.diagnose import (
-    GPUS,
     MEASURED_PEAK_GIB,
     PADDED_VOCAB_SIZE,
     RunRecord,
@@ -24,6 +23,7 @@ from fineweb_gpt.diagnose import (
     training_memory_gib,
 )
 from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.flops import gpu_table
 from fineweb_gpt.model import GPT, GPTConfig
 
 RUN_TOKENS = CHINCHILLA_STEPS_40M * TOKENS_PER_STEP
@@ -150,7 +150,7 @@ def test_dropout_is_flagged_only_when_val_is_below_train(dropout, gap, flagged):
 
 
 def test_nanogpt_mfu_on_an_a100_converts_to_the_rtx_4070():
-    real = mfu_on_gpu(0.1107, GPUS["a100"].peak_flops, GPUS["rtx4070"].peak_flops)
+    real = mfu_on_gpu(0.1107, gpu_table()["a100"].peak_flops, gpu_table()["rtx4070"].peak_flops)
     assert real == pytest.approx(0.592, abs=0.001)
 
 
@@ -163,7 +163,7 @@ def test_low_mfu_is_a_problem_and_good_mfu_is_not():
 
 def test_mfu_is_computed_from_throughput_when_the_run_did_not_know_its_peak():
     summary = run_summary()
-    rows = [{k: v for k, v in row.items() if k != "mfu"} for row in metric_rows(summary, mfu=0.4)]
+    rows = [{k: v for k, v in row.items() if k != "perf/mfu"} for row in metric_rows(summary, mfu=0.4)]
     summary.update(hw_name="auto", peak_flops=None)  # the device name still says RTX 4070
     assert findings_by_check(summary, rows)["mfu"].title == "MFU 40%: fair"
 

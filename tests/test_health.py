@@ -32,7 +32,7 @@ def test_each_problem_is_warned_once_when_it_first_appears(caplog):
     assert first_overfit_eval is not None and first_overfit_eval < CHINCHILLA_STEPS_40M
 
     # Later evaluations, and a check at the end, repeat nothing.
-    monitor.observe({"step": CHINCHILLA_STEPS_40M, "val/loss": 9.0, "tokens_seen": RUN_TOKENS})
+    monitor.observe({"step": CHINCHILLA_STEPS_40M, "val/loss": 9.0, "data/tokens_seen": RUN_TOKENS})
     assert monitor.check() == []
     assert len(warnings_logged(caplog)) == 2
 

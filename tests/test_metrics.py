@@ -8,31 +8,29 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, recorded_batches, run_cli
-from conftest import SMALL as SMALL_RUN
 from fineweb_gpt.callbacks import RunMonitor
 from fineweb_gpt.flops import (
     chinchilla_tokens,
     flops_per_token,
+    gpu_for_device,
     model_flops_utilization,
-    peak_flops_for,
     size_in_name,
     size_mismatch,
 )
 from fineweb_gpt.model import GPT, GPTConfig
 from fineweb_gpt.train import train
+from helpers import CONF_DIR, SMALL, recorded_batches, run_cli
 
-SMALL = [*SMALL_RUN, "optim.warmup_steps=1"]
 PER_STEP = {
     "train/loss",
-    "lr",
-    "grad_norm",
-    "tokens_seen",
-    "tokens_per_sec",
-    "step_time_ms",
-    "mfu",
-    "epoch",
-    "tokens_per_param",
+    "train/lr",
+    "train/grad_norm",
+    "data/tokens_seen",
+    "perf/tokens_per_sec",
+    "perf/step_time_ms",
+    "perf/mfu",
+    "data/epoch",
+    "data/tokens_per_param",
 }
 PER_EVAL = {"val/loss", "val/ppl", "val/time_ms"}
 
@@ -62,37 +60,26 @@ def test_flops_per_token_and_mfu_match_a_hand_calculation():
 
 
 @pytest.mark.parametrize(
-    "device, peak",
+    "device, profile, peak",
     [
-        ("NVIDIA GeForce RTX 4070", 58.3e12),
-        ("NVIDIA GeForce RTX 4070 Ti", None),
-        ("NVIDIA GeForce RTX 4070 Laptop GPU", None),
-        ("NVIDIA GeForce RTX 4090", 165.2e12),
-        ("NVIDIA GeForce RTX 3090", 71e12),
-        ("NVIDIA A100-SXM4-40GB", 312e12),
-        ("NVIDIA H100 80GB HBM3", 989e12),
-        ("NVIDIA H100 PCIe", 756e12),
-        ("Tesla T4", None),
+        ("NVIDIA GeForce RTX 4070", "rtx4070", 58.3e12),
+        ("NVIDIA GeForce RTX 4070 Ti", None, None),
+        ("NVIDIA GeForce RTX 4070 Laptop GPU", None, None),
+        ("NVIDIA GeForce RTX 4090", "rtx4090", 165.2e12),
+        ("NVIDIA GeForce RTX 3090", "rtx3090", 71e12),
+        ("NVIDIA A100-SXM4-40GB", "a100", 312e12),
+        ("NVIDIA H100 80GB HBM3", "h100", 989e12),
+        ("NVIDIA H100 PCIe", "h100_pcie", 756e12),
+        ("NVIDIA H200", "h200", 989e12),
+        ("Tesla T4", None, None),
     ],
 )
-def test_peak_flops_by_gpu_name(device, peak):
-    assert peak_flops_for(device) == peak
-
-
-@pytest.mark.parametrize(
-    "profile, device",
-    [
-        ("rtx3090", "RTX 3090"),
-        ("rtx4070", "RTX 4070"),
-        ("rtx4090", "RTX 4090"),
-        ("a100", "A100"),
-        ("h100", "H100 80GB HBM3"),
-    ],
-)
-def test_hw_profiles_use_the_dense_bf16_peaks(profile, device):
-    hw = OmegaConf.load(CONF_DIR / "hw" / f"{profile}.yaml")
-    assert hw.peak_flops == peak_flops_for(f"NVIDIA GeForce {device}") or hw.peak_flops == peak_flops_for(device)
-    assert hw.precision == "bf16-mixed" and hw.requires_cuda
+def test_each_gpu_is_found_by_its_device_name_with_its_dense_bf16_peak(device, profile, peak):
+    gpu = gpu_for_device(device)
+    assert (gpu.name, gpu.peak_flops) == (profile, peak) if profile else gpu is None
+    if profile:  # the hw= profile trains in bf16 on CUDA, the precision its peak is for
+        hw = OmegaConf.load(CONF_DIR / "hw" / f"{profile}.yaml")
+        assert hw.precision == "bf16-mixed" and hw.requires_cuda
 
 
 def test_name_and_size_mismatch():
@@ -112,7 +99,7 @@ def test_every_metric_per_optimizer_step_with_accumulation(make_config, tmp_path
         "trainer.max_steps=6",
         "val_every_steps=3",
         "hw.peak_flops=1e12",
-        "+callbacks.recorder._target_=conftest.BatchRecorder",
+        "+callbacks.recorder._target_=helpers.BatchRecorder",
         f"+callbacks.recorder.path={record}",
     )
     train(cfg)
@@ -129,19 +116,21 @@ def test_every_metric_per_optimizer_step_with_accumulation(make_config, tmp_path
         assert float(row["train/loss"]) == pytest.approx(sum(losses) / 2, rel=1e-5)  # both micro-batches
         assert abs(losses[0] - losses[1]) > 1e-4  # so the last one alone would not pass
         consumed = sum(tokens for _, _, tokens, _ in micro[: 2 * step])
-        assert int(row["tokens_seen"]) == consumed == 256 * step
-        assert float(row["tokens_per_param"]) == pytest.approx(
+        assert int(row["data/tokens_seen"]) == consumed == 256 * step
+        assert float(row["data/tokens_per_param"]) == pytest.approx(
             consumed / json.loads((Path(cfg.run_dir) / "run_summary.json").read_text())["num_params"]
         )
-        assert float(row["tokens_per_sec"]) == pytest.approx(256 / (float(row["step_time_ms"]) / 1000), rel=1e-6)
-        assert float(row["mfu"]) > 0 and float(row["grad_norm"]) > 0 and float(row["epoch"]) > 0
+        assert float(row["perf/tokens_per_sec"]) == pytest.approx(
+            256 / (float(row["perf/step_time_ms"]) / 1000), rel=1e-6
+        )
+        assert float(row["perf/mfu"]) > 0 and float(row["train/grad_norm"]) > 0 and float(row["data/epoch"]) > 0
 
     evals = [r for r in rows if r["val/loss"]]
     assert [int(r["step"]) for r in evals] == [0, 3, 6]
     for r in evals:
         assert float(r["val/ppl"]) == pytest.approx(2.718281828 ** float(r["val/loss"]), rel=1e-6)
     # The learning rate each step used: warmup of 1 step, then cosine down to min_lr at step 6.
-    lrs = column(steps, "lr")
+    lrs = column(steps, "train/lr")
     assert lrs[0] == pytest.approx(cfg.optim.lr) and lrs == sorted(lrs, reverse=True)
 
 
@@ -154,7 +143,9 @@ def test_progress_bar_values_are_handed_to_lightning_on_the_host():
         def log(self, key, value, **kwargs):
             logged[key] = value
 
-    RunMonitor.show_in_progress_bar(Module(), {"train/loss": 3.25, "tokens_per_sec": 5e5, "mfu": 0.4, "lr": 1e-3})
+    RunMonitor.show_in_progress_bar(
+        Module(), {"train/loss": 3.25, "perf/tokens_per_sec": 5e5, "perf/mfu": 0.4, "train/lr": 1e-3}
+    )
     assert set(logged) == {"loss", "tok/s", "mfu"}
     assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in logged.values())
     assert [float(logged[k]) for k in ("loss", "tok/s", "mfu")] == [3.25, 5e5, pytest.approx(0.4)]
@@ -187,13 +178,13 @@ def test_step_time_excludes_a_slow_validation(make_config):
         "data.val_tokens=128",
         "trainer.max_steps=4",
         "val_every_steps=2",
-        "+callbacks.slow._target_=conftest.SlowValidation",
+        "+callbacks.slow._target_=helpers.SlowValidation",
         "+callbacks.slow.seconds=2.5",
     )
     train(cfg)
     rows = read_metrics(cfg.run_dir)
     val_ms = column(rows, "val/time_ms")
-    step_ms = column(rows, "step_time_ms")
+    step_ms = column(rows, "perf/step_time_ms")
     assert len(val_ms) == 3 and min(val_ms) > 2500  # one slow batch per evaluation...
     assert len(step_ms) == 4 and max(step_ms) < min(val_ms) / 2  # ...and no step absorbed one
 
@@ -221,7 +212,15 @@ def test_wandb_offline_run_keeps_metrics_and_resumes_the_same_run(make_config, t
         time.sleep(0.5)
     data = run_file.read_bytes()
     final_val = column(read_metrics(first), "val/loss")[-1]
-    for key in ("train/loss", "val/loss", "tokens_per_sec", "step_time_ms", "tokens_seen", "grad_norm", "lr"):
+    for key in (
+        "train/loss",
+        "val/loss",
+        "perf/tokens_per_sec",
+        "perf/step_time_ms",
+        "data/tokens_seen",
+        "train/grad_norm",
+        "train/lr",
+    ):
         assert key.encode() in data
     assert repr(final_val).encode() in data  # the value itself, as W&B stores it
     run_id = wandb_run.name.rsplit("-", 1)[-1]
@@ -245,9 +244,9 @@ def test_two_ranks_keep_the_global_batch_count_tokens_exactly_and_never_wait_mid
         "trainer.devices=2",
         "trainer.max_steps=4",
         "val_every_steps=2",
-        "+callbacks.recorder._target_=conftest.BatchRecorder",
+        "+callbacks.recorder._target_=helpers.BatchRecorder",
         f"+callbacks.recorder.path={record}",
-        "+callbacks.waits._target_=conftest.MidStepCollectives",
+        "+callbacks.waits._target_=helpers.MidStepCollectives",
         f"+callbacks.waits.path={waits}",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=Path(__file__).parent,
@@ -259,7 +258,7 @@ def test_two_ranks_keep_the_global_batch_count_tokens_exactly_and_never_wait_mid
     micro = recorded_batches(record)
     assert len(micro) == 16  # 2 ranks x 4 steps x 2 micro-batches
     rows = read_metrics(tmp_path / "run")
-    seen = column(rows, "tokens_seen")
+    seen = column(rows, "data/tokens_seen")
     assert seen[-1] == sum(tokens for *_, tokens, _ in micro) == 4 * 512
     assert len({digest for _, digest, _, _ in micro}) == 16  # each rank trains on different data
     assert (result.stdout + result.stderr).count("Run summary") == 1  # rank 0 only

@@ -9,24 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import quiet_cpu_trainer, run_cli
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.flops import human_count, param_count
 from fineweb_gpt.lit_module import GPTLightningModule, LossGuard
 from fineweb_gpt.train import train
+from helpers import SMALL, quiet_cpu_trainer, run_cli
 
 # Dropout on, so a resumed run must also continue the random streams; two data workers,
 # so it must also continue each worker's place in the data.
 RUN = [
-    "hw=cpu",
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=32",
+    *SMALL,
     "model.dropout=0.1",
-    "hw.micro_batch_size=4",
-    "total_batch_tokens=256",
-    "data.val_tokens=256",
     "data.num_workers=2",
     "data.rows_per_chunk=16",
     "optim.warmup_steps=2",
@@ -34,7 +27,7 @@ RUN = [
     "val_every_steps=5",
     "callbacks.model_checkpoint.every_n_train_steps=2",
 ]
-PER_STEP = ("train/loss", "lr", "tokens_seen", "grad_norm")
+PER_STEP = ("train/loss", "train/lr", "data/tokens_seen", "train/grad_norm")
 # Bit-exact comparisons need the same arithmetic in every run: with several threads the math
 # libraries may change how they split a sum when the machine is busy.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -77,7 +70,7 @@ def assert_continues_exactly(run_dir: Path, uninterrupted: dict[int, dict]) -> N
 def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, kill_after, mid_step):
     run_dir = tmp_path / "run"
     killer = [
-        "+callbacks.kill._target_=conftest.SignalAtStep",
+        "+callbacks.kill._target_=helpers.SignalAtStep",
         f"+callbacks.kill.step={kill_after}",
         f"+callbacks.kill.first_micro_batch={str(mid_step).lower()}",
     ]
@@ -92,7 +85,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted
 @pytest.mark.slow
 def test_kill_during_a_checkpoint_write_resumes_from_the_previous_good_one(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
-    torn = ["+trainer.plugins=[{_target_: conftest.TornWrites, tear_at: 3}]"]  # the step-6 checkpoint is torn
+    torn = ["+trainer.plugins=[{_target_: helpers.TornWrites, tear_at: 3}]"]  # the step-6 checkpoint is torn
     killed = train_cli(*RUN, *torn, f"hydra.run.dir={run_dir}")
     assert killed.returncode == -9
     assert (run_dir / "checkpoints" / "step000006.ckpt").stat().st_size < (
@@ -116,10 +109,10 @@ def test_a_checkpoint_due_by_the_clock_waits_for_the_end_of_the_step(tmp_path, u
         *(arg for arg in RUN if not arg.startswith("callbacks.model_checkpoint.every_n_train_steps=")),
         "callbacks.model_checkpoint.every_n_train_steps=1000",
         "callbacks.model_checkpoint.every_n_minutes=0.05",
-        "+callbacks.pause._target_=conftest.PauseMidStep",
+        "+callbacks.pause._target_=helpers.PauseMidStep",
         "+callbacks.pause.step=1",
         "+callbacks.pause.seconds=4",
-        "+callbacks.kill._target_=conftest.SignalAtStep",
+        "+callbacks.kill._target_=helpers.SignalAtStep",
         "+callbacks.kill.step=3",
     ]
     killed = train_cli(*by_the_clock, f"hydra.run.dir={run_dir}")
@@ -135,7 +128,7 @@ def test_a_checkpoint_due_by_the_clock_waits_for_the_end_of_the_step(tmp_path, u
 def test_preemption_signal_saves_and_exits_cleanly(tmp_path, uninterrupted, signal_name):
     run_dir = tmp_path / "run"
     sender = [
-        "+callbacks.kill._target_=conftest.SignalAtStep",
+        "+callbacks.kill._target_=helpers.SignalAtStep",
         "+callbacks.kill.step=3",
         f"+callbacks.kill.signal_name={signal_name}",
     ]
@@ -162,7 +155,7 @@ def test_sigusr1_under_slurm_requeues_the_job(tmp_path):
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
     sender = [
-        "+callbacks.kill._target_=conftest.SignalAtStep",
+        "+callbacks.kill._target_=helpers.SignalAtStep",
         "+callbacks.kill.step=2",
         "+callbacks.kill.signal_name=SIGUSR1",
     ]
@@ -173,7 +166,7 @@ def test_sigusr1_under_slurm_requeues_the_job(tmp_path):
 
 def test_planted_nan_stops_with_the_step_lr_and_an_intact_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    poison = ["+callbacks.poison._target_=conftest.PoisonWeights", "+callbacks.poison.step=5"]
+    poison = ["+callbacks.poison._target_=helpers.PoisonWeights", "+callbacks.poison.step=5"]
     result = train_cli(*RUN, "data.num_workers=0", *poison, f"hydra.run.dir={run_dir}")
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
@@ -185,7 +178,7 @@ def test_planted_nan_stops_with_the_step_lr_and_an_intact_checkpoint(tmp_path):
 
 
 def test_out_of_memory_names_the_micro_batch_and_a_smaller_one(tmp_path):
-    oom = ["+callbacks.oom._target_=conftest.RunOutOfMemory"]
+    oom = ["+callbacks.oom._target_=helpers.RunOutOfMemory"]
     result = train_cli(*RUN, "data.num_workers=0", *oom, f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
     params = human_count(param_count(n_layer=1, n_embd=32))
@@ -263,5 +256,6 @@ def test_unknown_hw_profile_is_one_line(tmp_path):
     result = run_cli("hw=rtx5090", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: hw=rtx5090 is not a hw option; choose one of a100, auto, cpu, h100, rtx3090, rtx4070, rtx4090"
+        "error: hw=rtx5090 is not a hw option; choose one of "
+        "a100, auto, cpu, h100, h100_pcie, h200, rtx3090, rtx4070, rtx4090"
     )

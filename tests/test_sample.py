@@ -3,11 +3,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import quiet_cpu_trainer
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.model import GPT, GPTConfig, KVCache
 from fineweb_gpt.sample import generate_samples, load_model, main
 from fineweb_gpt.tokenizer import gpt2_tokenizer
+from helpers import quiet_cpu_trainer
 
 TEXT = "The quick brown fox jumps over the lazy dog, and the dog dreams of the sea. "
 BLOCK = 32

@@ -10,20 +10,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.lit_module import CombinedOptimizer
 from fineweb_gpt.model import GPT, GPTConfig, KVCache
 from fineweb_gpt.train import train
+from helpers import CONF_DIR, SMALL  # noqa: F401
 
-SMALL = [
-    "hw=cpu",
+# Long enough for the variants' losses to part: two layers, 30 steps, a higher learning rate.
+VARIANT_RUN = [
+    *SMALL,
     "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "hw.micro_batch_size=4",
-    "total_batch_tokens=256",
     "data.val_tokens=512",
     "optim.lr=3e-3",
     "optim.warmup_steps=2",
@@ -84,7 +80,7 @@ def test_bad_architecture_settings_are_refused(kwargs, message):
 
 @pytest.mark.parametrize("variant", [["model.arch=modern"], ["optim=muon"], ["model.arch=modern", "optim=muon"]])
 def test_modern_and_muon_variants_train(make_config, variant):
-    cfg = make_config(*SMALL, *variant)
+    cfg = make_config(*VARIANT_RUN, *variant)
     final = train(cfg)
     import csv
 
@@ -118,7 +114,7 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(make_config):
 def test_compile_gives_the_same_losses_on_the_cpu(make_config, tmp_path):
     losses = {}
     for compile_model in (False, True):
-        cfg = make_config(*SMALL, "trainer.max_steps=4", f"hw.compile={str(compile_model).lower()}")
+        cfg = make_config(*VARIANT_RUN, "trainer.max_steps=4", f"hw.compile={str(compile_model).lower()}")
         cfg.run_dir = str(tmp_path / str(compile_model))
         losses[compile_model] = train(cfg)
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
@@ -142,7 +138,9 @@ def test_throughput_benchmark_runs_on_the_cpu():
 @pytest.mark.parametrize("compile_model", [False, True])
 def test_training_never_waits_for_the_gpu_between_micro_batches(make_config, tmp_path, compile_model):
     watched = tmp_path / "watched"
-    shape = [a for a in SMALL if not a.startswith(("hw=", "total_batch_tokens=", "trainer.max_steps=", "val_every"))]
+    shape = [
+        a for a in VARIANT_RUN if not a.startswith(("hw=", "total_batch_tokens=", "trainer.max_steps=", "val_every"))
+    ]
     cfg = make_config(
         *shape,
         "hw=auto",
@@ -150,7 +148,7 @@ def test_training_never_waits_for_the_gpu_between_micro_batches(make_config, tmp
         "trainer.max_steps=6",
         "val_every_steps=3",
         f"hw.compile={str(compile_model).lower()}",
-        "+callbacks.no_wait._target_=conftest.NoGPUWaitMidStep",
+        "+callbacks.no_wait._target_=helpers.NoGPUWaitMidStep",
         f"+callbacks.no_wait.path={watched}",
     )
     final_val_loss = train(cfg)  # a wait mid-step raises "called a synchronizing CUDA operation"

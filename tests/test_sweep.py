@@ -7,20 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 from fineweb_gpt.sweep import main as sweep_main
+from helpers import SMALL, run_cli
 
-TINY = [
-    "hw=cpu",
-    "model.n_layer=1",
-    "model.n_head=4",
-    "model.block_size=32",
-    "hw.micro_batch_size=4",
-    "total_batch_tokens=256",
-    "data.val_tokens=256",
-    "optim.warmup_steps=1",
-    "trainer.max_steps=3",
-]
+TINY = [*SMALL, "trainer.max_steps=3"]
 
 
 def sweep_dir_of(tmp_path: Path) -> Path:
@@ -53,7 +43,7 @@ def test_two_by_two_multirun_writes_a_table_from_each_runs_own_logs(tmp_path):
         assert row["status"] == "completed"
         assert int(row["params"]) == summary["num_params"]
         assert float(row["final_val_loss"]) == last(run_dir, "val/loss")
-        assert int(row["tokens_seen"]) == last(run_dir, "tokens_seen") == 3 * 256
+        assert int(row["tokens_seen"]) == last(run_dir, "data/tokens_seen") == 3 * 256
     finals = [float(r["final_val_loss"]) for r in rows]
     assert finals == sorted(finals)  # best first
     markdown = (sweep_dir / "sweep_results.md").read_text()
@@ -66,14 +56,14 @@ def test_two_by_two_multirun_writes_a_table_from_each_runs_own_logs(tmp_path):
 
 
 def test_an_invalid_combination_fails_alone_and_is_reported_by_name(tmp_path):
-    result = run_cli("-m", *TINY, "model.n_embd=64,66", cwd=tmp_path)
+    result = run_cli("-m", *TINY, "model.n_embd=64,65", cwd=tmp_path)
     assert result.returncode == 1  # the sweep says it was not all good...
     rows = {r["overrides"]: r for r in read_table(sweep_dir_of(tmp_path))}
     assert rows["model.n_embd=64"]["status"] == "completed"  # ...but the valid run finished
     assert math.isfinite(float(rows["model.n_embd=64"]["final_val_loss"]))
-    assert rows["model.n_embd=66"]["status"] == "failed"
-    assert rows["model.n_embd=66"]["error"].startswith("model.n_embd=66 is not divisible by model.n_head=4")
-    assert "(model.n_embd=66) failed: model.n_embd=66 is not divisible" in result.stdout + result.stderr
+    assert rows["model.n_embd=65"]["status"] == "failed"
+    assert rows["model.n_embd=65"]["error"].startswith("model.n_embd=65 is not divisible by model.n_head=2")
+    assert "(model.n_embd=65) failed: model.n_embd=65 is not divisible" in result.stdout + result.stderr
 
 
 def test_sweep_table_command_refuses_a_folder_without_runs(tmp_path, capsys):
@@ -81,13 +71,23 @@ def test_sweep_table_command_refuses_a_folder_without_runs(tmp_path, capsys):
     assert "holds no sweep runs" in capsys.readouterr().err
 
 
-def test_grid_preset_declares_the_eight_point_grid(make_config):
-    from omegaconf import OmegaConf
+def test_grid_preset_expands_to_the_documented_eight_runs_and_each_composes(make_config):
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    sweeper = OmegaConf.load(Path(__file__).parents[1] / "src/fineweb_gpt/conf/sweep/grid.yaml").hydra.sweeper
-    grid = {key: str(value).split(",") for key, value in sweeper.params.items()}
-    assert grid == {"model.n_embd": ["384", "768"], "model.dropout": ["0.0", "0.1"], "optim.min_lr": ["6e-5", "3e-5"]}
-    make_config("sweep=grid")  # composes with the rest of the config
+    def jobs(overrides: list[str]) -> set[frozenset[str]]:
+        [batch] = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+        return {frozenset(job) for job in batch}
+
+    from hydra.core.hydra_config import HydraConfig
+
+    make_config("sweep=grid")  # the preset composes with the rest of the config
+    preset = [f"{key}={value}" for key, value in HydraConfig.get().sweeper.params.items()]
+    readme = ["model.n_embd=384,768", "model.dropout=0.0,0.1", "optim.min_lr=6e-5,3e-5"]
+    assert jobs(preset) == jobs(readme) and len(jobs(preset)) == 8
+    for job in jobs(preset):
+        cfg = make_config(*job)
+        assert {f"model.n_embd={cfg.model.n_embd}", f"model.dropout={cfg.model.dropout}"} <= set(job)
 
 
 def test_optuna_preset_runs_trials_and_reports_the_best(tmp_path):
@@ -103,7 +103,7 @@ def test_optuna_preset_runs_trials_and_reports_the_best(tmp_path):
 def test_slurm_launcher_composes_with_tasks_per_gpu(make_config):
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONF_DIR
+    from helpers import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
@@ -188,8 +188,8 @@ def test_fsdp_on_two_processes_trains_like_ddp_and_resumes_exactly(tmp_path):
     for step, ddp in runs["ddp"].items():
         fsdp = runs["fsdp"][step]
         assert float(fsdp["train/loss"]) == pytest.approx(float(ddp["train/loss"]), abs=1e-4)
-        assert float(fsdp["grad_norm"]) == pytest.approx(float(ddp["grad_norm"]), rel=1e-3)
-        assert fsdp["tokens_seen"] == ddp["tokens_seen"] == str(step * 256)
+        assert float(fsdp["train/grad_norm"]) == pytest.approx(float(ddp["train/grad_norm"]), rel=1e-3)
+        assert fsdp["data/tokens_seen"] == ddp["data/tokens_seen"] == str(step * 256)
     assert float(runs["fsdp"][6]["train/loss"]) < float(runs["fsdp"][1]["train/loss"])
 
     # Rank 0 writes one full checkpoint, with the plain model's keys, that resumes exactly.
@@ -204,7 +204,7 @@ def test_fsdp_on_two_processes_trains_like_ddp_and_resumes_exactly(tmp_path):
     after = metric_rows(resumed)
     assert sorted(after) == [4, 5, 6]
     for step in after:
-        for key in ("train/loss", "grad_norm", "tokens_seen"):
+        for key in ("train/loss", "train/grad_norm", "data/tokens_seen"):
             assert after[step][key] == runs["fsdp"][step][key]
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, SMALL, quiet_cpu_trainer, recorded_batches, run_cli
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.lit_module import learning_rate
 from fineweb_gpt.model import GPTConfig
 from fineweb_gpt.train import count_devices, gradient_accumulation, train
+from helpers import CONF_DIR, SMALL, quiet_cpu_trainer, recorded_batches, run_cli
 
 
 def test_accumulation_is_derived_from_the_token_budget():
@@ -196,7 +196,7 @@ def test_resumed_run_trains_on_the_same_batches_as_an_uninterrupted_one(make_con
             "optim.warmup_steps=1",
             "data.num_workers=2",
             "data.rows_per_chunk=16",
-            "+callbacks.recorder._target_=conftest.BatchRecorder",
+            "+callbacks.recorder._target_=helpers.BatchRecorder",
             f"+callbacks.recorder.path={record}",
             f"ckpt_path={ckpt_path}" if ckpt_path else "ckpt_path=null",
         )

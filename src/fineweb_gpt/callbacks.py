@@ -109,6 +109,15 @@ def requeue_slurm_job() -> None:
         log.warning("Could not requeue SLURM job %s: %s", job, result.stderr.strip())
 
 
+def learning_rates(optimizer) -> dict[str, float]:
+    """train/lr: the schedule of optim.lr (AdamW's groups); with optim=muon also train/lr_muon, Muon's own."""
+    rates = {}
+    for group in optimizer.param_groups:
+        name = "train/lr" if group.get("optimizer", "adamw") == "adamw" else f"train/lr_{group['optimizer']}"
+        rates.setdefault(name, group["lr"])
+    return rates
+
+
 def format_duration(seconds: float) -> str:
     minutes = int(seconds // 60)
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{int(seconds % 60):02d}s"
@@ -235,24 +244,24 @@ class RunMonitor(L.Callback):
             loss = float(trainer.strategy.reduce(pl_module.step_loss, reduce_op="mean"))
         metrics = {
             "train/loss": loss,
-            "lr": trainer.optimizers[0].param_groups[0]["lr"],
-            "tokens_seen": self.tokens_seen,
-            "tokens_per_param": self.tokens_seen / self.plan["num_params"],
+            **learning_rates(trainer.optimizers[0]),
+            "data/tokens_seen": self.tokens_seen,
+            "data/tokens_per_param": self.tokens_seen / self.plan["num_params"],
         }
         if getattr(pl_module, "grad_norm", None) is not None:
-            metrics["grad_norm"] = float(pl_module.grad_norm)
+            metrics["train/grad_norm"] = float(pl_module.grad_norm)
         epochs = getattr(trainer.datamodule, "epochs_seen", None)
         if epochs is not None:
-            metrics["epoch"] = epochs
+            metrics["data/epoch"] = epochs
         if self.step_started is not None:
             seconds = time.perf_counter() - self.step_started
             self.step_started = None
             self.train_seconds += seconds
             self.timed_steps += 1
-            metrics["step_time_ms"] = 1000 * seconds
-            metrics["tokens_per_sec"] = tokens / seconds
+            metrics["perf/step_time_ms"] = 1000 * seconds
+            metrics["perf/tokens_per_sec"] = tokens / seconds
             if self.plan["peak_flops"]:
-                metrics["mfu"] = model_flops_utilization(
+                metrics["perf/mfu"] = model_flops_utilization(
                     self.plan["flops_per_token"], tokens / seconds, self.plan["peak_flops"], trainer.world_size
                 )
         self.log_metrics(trainer, metrics, step)
@@ -260,8 +269,8 @@ class RunMonitor(L.Callback):
         if self.timed_steps == 5 and trainer.is_global_zero:
             log.info(
                 "Measured over 5 steps: %.0f tokens/s%s; estimated time to finish: %s",
-                metrics.get("tokens_per_sec", 0),
-                f", MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "",
+                metrics.get("perf/tokens_per_sec", 0),
+                f", MFU {metrics['perf/mfu']:.1%}" if "perf/mfu" in metrics else "",
                 format_duration(self.seconds_to_finish(trainer)),
             )
 
@@ -282,10 +291,10 @@ class RunMonitor(L.Callback):
     @staticmethod
     def show_in_progress_bar(pl_module: L.LightningModule, metrics: dict) -> None:
         shown = {"loss": metrics["train/loss"]}
-        if "tokens_per_sec" in metrics:
-            shown["tok/s"] = metrics["tokens_per_sec"]
-        if "mfu" in metrics:
-            shown["mfu"] = metrics["mfu"]
+        if "perf/tokens_per_sec" in metrics:
+            shown["tok/s"] = metrics["perf/tokens_per_sec"]
+        if "perf/mfu" in metrics:
+            shown["mfu"] = metrics["perf/mfu"]
         for key, value in shown.items():
             # As a CPU tensor: Lightning turns a number into a tensor on the GPU, and then reads
             # every progress-bar value back at the end of every micro-batch, a wait for the GPU
@@ -323,11 +332,11 @@ class RunMonitor(L.Callback):
             "val/loss": val_loss,
             "val/ppl": math.exp(min(val_loss, 50.0)),
             "val/time_ms": 1000 * seconds,
-            "tokens_seen": self.tokens_seen,
+            "data/tokens_seen": self.tokens_seen,
         }
         epochs = getattr(trainer.datamodule, "epochs_seen", None)
         if epochs is not None:
-            metrics["epoch"] = epochs
+            metrics["data/epoch"] = epochs
         self.log_metrics(trainer, metrics, trainer.global_step)
         if trainer.is_global_zero:
             progress = ""

@@ -23,7 +23,8 @@ from fineweb_gpt.flops import (
     CHINCHILLA_TOKENS_PER_PARAM,
     GPU,
     PADDED_VOCAB_SIZE,
-    gpu_profiles,
+    gpu_for_device,
+    gpu_table,
     human_count,
     human_ratio,
     param_count,
@@ -32,10 +33,6 @@ from fineweb_gpt.flops import (
 
 GIB = 2**30
 
-
-GPUS = gpu_profiles()
-# nanoGPT's estimate_mfu divides by an A100's peak whatever GPU the run is on.
-NANOGPT_MFU_PEAK_FLOPS = GPUS["a100"].peak_flops
 
 # Thresholds: where a measurement becomes worth a user's attention.
 SIZE_TOLERANCE = 0.20  # stated vs real parameter count
@@ -76,8 +73,8 @@ class RunRecord:
         return self.get("source", "fineweb_gpt")
 
     def tokens(self, row: dict) -> float | None:
-        if "tokens_seen" in row:
-            return row["tokens_seen"]
+        if "data/tokens_seen" in row:
+            return row["data/tokens_seen"]
         if "step" in row and self.get("tokens_per_step"):
             return row["step"] * self.summary["tokens_per_step"]
         return None
@@ -313,12 +310,12 @@ def flat_since(run: RunRecord) -> tuple[Point, Point] | None:
 
 
 def lr_at(run: RunRecord, tokens: float) -> float | None:
-    points = run.points("lr")
+    points = run.points("train/lr")
     return min(points, key=lambda p: abs(p.tokens - tokens)).value if points else None
 
 
 def peak_lr(run: RunRecord) -> float | None:
-    return run.get("lr") or max((p.value for p in run.points("lr")), default=None)
+    return run.get("lr") or max((p.value for p in run.points("train/lr")), default=None)
 
 
 def check_plateau(run: RunRecord) -> Finding | None:
@@ -398,21 +395,20 @@ def check_lr_at_plateau(run: RunRecord) -> Finding | None:
 
 def gpu_of(run: RunRecord) -> tuple[str, GPU] | None:
     """The run's GPU from hw_name, or from the device name ('NVIDIA GeForce RTX 4070')."""
-    if run.get("hw_name") in GPUS:
-        return run.summary["hw_name"], GPUS[run.summary["hw_name"]]
-    device = re.sub(r"[\s_]", "", str(run.get("device_name", ""))).lower()
-    # rtx4070 must not match an 'RTX 4070 Ti', a different card.
-    return next(((name, gpu) for name, gpu in GPUS.items() if re.search(name + "(?![a-z0-9])", device)), None)
+    if run.get("hw_name") in gpu_table():
+        return run.summary["hw_name"], gpu_table()[run.summary["hw_name"]]
+    gpu = gpu_for_device(str(run.get("device_name", "")))
+    return (gpu.name, gpu) if gpu else None
 
 
 def split_step_times(run: RunRecord) -> tuple[list[dict], list[dict]]:
     """(typical, outlier) rows among those with a step time. Outliers include an evaluation
     (nanoGPT's iteration after a 'step N:' line) or compilation: not slowness."""
-    timed = [row for row in run.rows if "step_time_ms" in row]
+    timed = [row for row in run.rows if "perf/step_time_ms" in row]
     if not timed:
         return [], []
-    median = float(np.median([row["step_time_ms"] for row in timed]))
-    is_outlier = [bool(row.get("includes_eval")) or row["step_time_ms"] > OUTLIER_FACTOR * median for row in timed]
+    median = float(np.median([row["perf/step_time_ms"] for row in timed]))
+    is_outlier = [bool(row.get("includes_eval")) or row["perf/step_time_ms"] > OUTLIER_FACTOR * median for row in timed]
     return (
         [row for row, outlier in zip(timed, is_outlier) if not outlier],
         [row for row, outlier in zip(timed, is_outlier) if outlier],
@@ -430,20 +426,22 @@ def check_mfu(run: RunRecord) -> Finding | None:
     rows = typical if typical else run.rows
     gpu = gpu_of(run)
     peak = run.get("peak_flops") or (gpu[1].peak_flops if gpu else None)
-    measured = [row["mfu"] for row in rows if row.get("mfu", -1) >= 0]  # nanoGPT prints -100% until it knows
+    measured = [row["perf/mfu"] for row in rows if row.get("perf/mfu", -1) >= 0]  # nanoGPT prints -100% until it knows
     reference = run.get("mfu_peak_flops") or run.get("peak_flops")
     if not measured and peak and run.get("flops_per_token"):  # a run that did not know its GPU's peak
         flops_per_token = run.summary["flops_per_token"]
-        measured = [row["tokens_per_sec"] * flops_per_token / peak for row in rows if "tokens_per_sec" in row]
+        measured = [row["perf/tokens_per_sec"] * flops_per_token / peak for row in rows if "perf/tokens_per_sec" in row]
         reference = peak
     if not measured or reference is None:
         return None
     median = float(np.median(measured))
     timing = ""
     if typical:
-        timing = f"; median step {np.median([r['step_time_ms'] for r in typical]):.0f} ms over {len(typical)} steps"
+        timing = (
+            f"; median step {np.median([r['perf/step_time_ms'] for r in typical]):.0f} ms over {len(typical)} steps"
+        )
         if outliers:
-            slowest = max(r["step_time_ms"] for r in outliers)
+            slowest = max(r["perf/step_time_ms"] for r in outliers)
             timing += (
                 f", leaving out {len(outliers)} that include evaluation or compilation (up to {slowest:.0f} ms, "
                 "not slowness)"
@@ -455,7 +453,7 @@ def check_mfu(run: RunRecord) -> Finding | None:
             "MFU: GPU unknown",
             f"median MFU {median:.2%} against an A100's {reference / 1e12:.0f} TFLOPS (nanoGPT's fixed reference)"
             + timing,
-            f"pass --gpu (one of {', '.join(GPUS)}) to judge it against your GPU's peak",
+            f"pass --gpu (one of {', '.join(gpu_table())}) to judge it against your GPU's peak",
         )
     real = mfu_on_gpu(median, reference, peak)
     gpu_name = run.get("hw_name") or (gpu[0] if gpu else "this GPU")
@@ -823,8 +821,8 @@ def parse_nanogpt_log(text: str, name: str) -> RunRecord:
         line = line.strip()
         if match := ITER_LINE.search(line):
             step, loss, time_ms, mfu = match.groups()
-            row = {"step": int(step), "train/loss": float(loss), "step_time_ms": float(time_ms)}
-            row["mfu"] = float(mfu) / 100
+            row = {"step": int(step), "train/loss": float(loss), "perf/step_time_ms": float(time_ms)}
+            row["perf/mfu"] = float(mfu) / 100
             row["includes_eval"] = after_eval
             rows.append(row)
             after_eval = False
@@ -849,8 +847,8 @@ def parse_nanogpt_log(text: str, name: str) -> RunRecord:
     if tokens_per_iter is None:
         tokens_per_iter = config["gradient_accumulation_steps"] * config["batch_size"] * config["block_size"]
     for row in rows:
-        row["tokens_seen"] = row["step"] * tokens_per_iter
-        row["lr"] = nanogpt_lr(row["step"], config)
+        row["data/tokens_seen"] = row["step"] * tokens_per_iter
+        row["train/lr"] = nanogpt_lr(row["step"], config)
     summary = {
         "source": "nanogpt",
         "model_name": str(config["wandb_run_name"]),
@@ -868,7 +866,7 @@ def parse_nanogpt_log(text: str, name: str) -> RunRecord:
         "decay_steps": config["lr_decay_iters"],
         "dataset": config["dataset"],
         "unique_train_tokens": NANOGPT_TRAIN_TOKENS.get(config["dataset"]),
-        "mfu_peak_flops": NANOGPT_MFU_PEAK_FLOPS,
+        "mfu_peak_flops": gpu_table()["a100"].peak_flops,  # nanoGPT's estimate_mfu assumes an A100
         "peak_flops": None,
     }
     return RunRecord(summary, rows)

@@ -16,26 +16,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fineweb_gpt.diagnose import GPUS, Finding, RunRecord, diagnose, human_count, parse_nanogpt_log, plan_batch
+from fineweb_gpt.config_files import load_option
+from fineweb_gpt.diagnose import Finding, RunRecord, diagnose, human_count, parse_nanogpt_log, plan_batch
 from fineweb_gpt.errors import ConfigError
-
-MODEL_PRESETS_DIR = Path(__file__).parent / "conf" / "model"
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """CSVLogger rows as {column: float}, keeping only the cells that hold a number."""
-    rows = []
-    with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            row = {}
-            for column, cell in raw.items():
-                try:
-                    row[column] = float(cell)
-                except (TypeError, ValueError):
-                    continue  # empty: this row does not log that column
-            if row:
-                rows.append(row)
-    return rows
+from fineweb_gpt.flops import gpu_table
+from fineweb_gpt.run_folder import read_metrics
 
 
 def summary_from_hydra_config(run_dir: Path) -> dict:
@@ -104,7 +89,7 @@ def apply_options(run: RunRecord, gpu: str | None, gpu_memory_gb: float | None, 
     if gpu is not None:
         # MFU columns stay measured against the old peak (nanoGPT: an A100); peak_flops is the real GPU.
         run.summary["mfu_peak_flops"] = run.get("mfu_peak_flops") or run.get("peak_flops")
-        run.summary.update(hw_name=gpu, peak_flops=GPUS[gpu].peak_flops)
+        run.summary.update(hw_name=gpu, peak_flops=gpu_table()[gpu].peak_flops)
     if gpu_memory_gb is not None:
         run.summary["gpu_memory_gb"] = gpu_memory_gb
     if train_tokens is not None:
@@ -159,7 +144,9 @@ def plot_losses(run: RunRecord, path: Path, log_x: bool) -> None:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     # A log axis cannot show the evaluation before training, at 0 tokens.
-    train, val, lr = ([p for p in run.points(c) if p.tokens > 0 or not log_x] for c in ("train/loss", "val/loss", "lr"))
+    train, val, lr = (
+        [p for p in run.points(c) if p.tokens > 0 or not log_x] for c in ("train/loss", "val/loss", "train/lr")
+    )
     lines = axes.plot([p.tokens for p in train], [p.value for p in train], lw=1, alpha=0.6, label="train loss")
     lines += axes.plot([p.tokens for p in val], [p.value for p in val], "o-", ms=3, label="val loss")
     axes.set_xlabel("tokens seen")
@@ -182,14 +169,6 @@ def plot_losses(run: RunRecord, path: Path, log_x: bool) -> None:
     figure.savefig(path, dpi=120)
 
 
-def model_preset(name: str) -> dict:
-    path = MODEL_PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        presets = ", ".join(sorted(p.stem for p in MODEL_PRESETS_DIR.glob("*.yaml")))
-        raise ConfigError(f"--model {name} is not a model preset; use one of {presets}")
-    return OmegaConf.to_container(OmegaConf.load(path))
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fineweb_gpt.doctor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,7 +177,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nanogpt-log", type=Path, help="a nanoGPT console log instead of a run folder")
     parser.add_argument("--out", type=Path, help="where to write the markdown report (the plot goes beside it)")
     parser.add_argument("--log-x", action="store_true", help="plot tokens on a log scale")
-    parser.add_argument("--gpu", choices=sorted(GPUS), help="the GPU the run was on (nanoGPT's MFU assumes an A100)")
+    parser.add_argument(
+        "--gpu", choices=sorted(gpu_table()), help="the GPU the run was on (nanoGPT's MFU assumes an A100)"
+    )
     parser.add_argument("--gpu-memory-gb", type=float, help="GPU memory for the batch plan (default: the GPU's)")
     parser.add_argument("--train-tokens", type=int, help="unique tokens in the training data, if the run lacks it")
     parser.add_argument("--plan", action="store_true", help="only plan micro-batch and accumulation")
@@ -212,10 +193,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_plan(args: argparse.Namespace) -> None:
-    memory_gb = args.gpu_memory_gb or (GPUS[args.gpu].memory_gb if args.gpu else None)
+    memory_gb = args.gpu_memory_gb or (gpu_table()[args.gpu].memory_gb if args.gpu else None)
     if memory_gb is None:
         raise ConfigError("--plan needs the GPU's memory: --gpu-memory-gb 12 (or --gpu rtx4070)")
-    model = model_preset(args.model)
+    model = load_option("model", args.model)
     plan = plan_batch(
         model["n_layer"],
         model["n_embd"],

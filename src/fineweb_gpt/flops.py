@@ -8,51 +8,43 @@ excludes position embeddings, L is layers, H heads, Q head size and T the contex
 import re
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
-from omegaconf import OmegaConf
+from fineweb_gpt.config_files import config_dir
+from fineweb_gpt.tokenizer import PADDED_VOCAB_SIZE
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
-PADDED_VOCAB_SIZE = 50304
-HW_PROFILES = Path(__file__).parent / "conf" / "hw"
-
-# Dense bf16 peak FLOPS per GPU (GeForce cards: with FP32 accumulate, which is what
-# PyTorch's bf16 matmuls use). nanoGPT divides by an A100's 312e12 whatever the GPU, and
-# Lightning's own table lacks the RTX 4070 and lists GeForce cards at their FP32 rate.
-# First match wins, so longer names come before their prefixes.
-GPU_PEAK_FLOPS = [
-    (r"H100.*PCIe", 756e12),
-    (r"H100|H200|GH200", 989e12),
-    (r"A100", 312e12),
-    (r"RTX 4090", 165.2e12),
-    (r"RTX 4070$", 58.3e12),  # not the Ti, SUPER or Laptop cards
-    (r"RTX 3090", 71e12),
-]
 
 
 @dataclass(frozen=True)
 class GPU:
+    """A GPU of the hw= profiles (conf/hw/*.yaml): the one table of peaks and memory."""
+
+    name: str  # the profile: hw=<name>
     peak_flops: float  # dense bf16 tensor FLOPS (FP32 accumulate on GeForce cards)
     memory_gb: float
+    device_pattern: str  # matches torch.cuda.get_device_name() of this GPU
 
 
 @cache
-def gpu_profiles() -> dict[str, GPU]:
-    """The GPUs of the hw= profiles (conf/hw/*.yaml), by profile name: one source for both."""
-    profiles = {}
-    for path in sorted(HW_PROFILES.glob("*.yaml")):
+def gpu_table() -> dict[str, GPU]:
+    """Every GPU profile by name, read from the config folder at first use.
+
+    nanoGPT divides by an A100's 312e12 whatever the GPU, and Lightning's own table lacks
+    the RTX 4070 and lists GeForce cards at their FP32 rate, so the profiles hold the peaks.
+    """
+    from omegaconf import OmegaConf
+
+    table = {}
+    for path in sorted((config_dir() / "hw").glob("*.yaml")):
         hw = OmegaConf.load(path)
         if hw.get("requires_cuda") and hw.get("peak_flops") and hw.get("memory_gb"):
-            profiles[path.stem] = GPU(float(hw.peak_flops), float(hw.memory_gb))
-    return profiles
+            table[path.stem] = GPU(path.stem, float(hw.peak_flops), float(hw.memory_gb), hw.device_pattern)
+    return table
 
 
-def peak_flops_for(device_name: str) -> float | None:
-    """The table's peak for a CUDA device name, or None for a GPU it does not know."""
-    for pattern, peak in GPU_PEAK_FLOPS:
-        if re.search(pattern, device_name):
-            return peak
-    return None
+def gpu_for_device(device_name: str) -> GPU | None:
+    """The profile of a CUDA device name ('NVIDIA GeForce RTX 4070'), or None for a GPU no profile knows."""
+    return next((gpu for gpu in gpu_table().values() if re.search(gpu.device_pattern, device_name)), None)
 
 
 def param_count(n_layer: int, n_embd: int, vocab_size: int = PADDED_VOCAB_SIZE, bias: bool = False) -> int:

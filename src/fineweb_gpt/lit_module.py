@@ -228,7 +228,7 @@ class GPTLightningModule(L.LightningModule):
             # Muon's own learning rate (its orthogonalised updates have unit scale); the
             # schedule scales it by the same warmup and decay as AdamW's.
             muon = torch.optim.Muon(
-                [p for p in params if id(p) in hidden],
+                [{"params": [p for p in params if id(p) in hidden], "optimizer": "muon"}],
                 lr=hp.muon_lr,
                 weight_decay=hp.weight_decay,
                 momentum=hp.muon_momentum,

@@ -19,11 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fineweb_gpt.errors import ConfigError
-
-GPT2_VOCAB_SIZE = 50257
-# GPT-2's vocabulary rounded up to a multiple of 64: the embedding and head matmuls run
-# on faster kernels, and the 47 extra rows are never targets, so they only learn to be rare.
-PADDED_VOCAB_SIZE = 50304
+from fineweb_gpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 
 
 @dataclass

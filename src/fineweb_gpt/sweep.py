@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fineweb_gpt.flops import human_count
+from fineweb_gpt.run_folder import read_metrics
 
 log = logging.getLogger("fineweb_gpt")
 COLUMNS = ["run", "overrides", "status", "params", "tokens_seen", "final_val_loss", "best_val_loss", "mfu", "error"]
@@ -42,11 +43,10 @@ def read_run(run_dir: Path, shown: set[str]) -> dict:
         row["params"] = json.loads(summary_file.read_text())["num_params"]
     metrics_file = run_dir / "csv" / "metrics.csv"
     if metrics_file.is_file():
-        with open(metrics_file, newline="") as file:
-            rows = list(csv.DictReader(file))
-        val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
-        tokens = [int(float(r["tokens_seen"])) for r in rows if r.get("tokens_seen")]
-        mfu = [float(r["mfu"]) for r in rows if r.get("mfu")]
+        rows = read_metrics(metrics_file)
+        val = [r["val/loss"] for r in rows if "val/loss" in r]
+        tokens = [int(r["data/tokens_seen"]) for r in rows if "data/tokens_seen" in r]
+        mfu = [r["perf/mfu"] for r in rows if "perf/mfu" in r]
         if val:
             row.update(final_val_loss=val[-1], best_val_loss=min(val))
         if tokens:

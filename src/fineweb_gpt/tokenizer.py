@@ -20,6 +20,10 @@ from fineweb_gpt.errors import ConfigError
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 END_OF_TEXT = "<|endoftext|>"
 END_OF_TEXT_ID = 50256
+GPT2_VOCAB_SIZE = 50257  # token ids 0..50256, the last one <|endoftext|>
+# GPT-2's vocabulary rounded up to a multiple of 64: the embedding and head matmuls run
+# on faster kernels, and the 47 extra rows are never targets, so they only learn to be rare.
+PADDED_VOCAB_SIZE = 50304
 
 
 def bundled_ranks_path() -> Path:
@@ -51,7 +55,7 @@ def load_gpt2_encoding(ranks_path: str | Path | None = None) -> tiktoken.Encodin
         pat_str=r50k_pat_str,
         mergeable_ranks=ranks,
         special_tokens={END_OF_TEXT: END_OF_TEXT_ID},
-        explicit_n_vocab=END_OF_TEXT_ID + 1,
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
     )
 
 

@@ -21,8 +21,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fineweb_gpt.callbacks import RunMonitor, StepProgressBar
+from fineweb_gpt.config_files import config_dir
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.flops import chinchilla_tokens, flops_per_token, human_count, peak_flops_for
+from fineweb_gpt.flops import chinchilla_tokens, flops_per_token, gpu_for_device, human_count
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.model import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
 
@@ -33,7 +34,6 @@ class RunStopped(Exception):
     """SIGTERM or SIGUSR1 stopped the run after it saved; the message says how to resume it."""
 
 
-CONF_DIR = Path(__file__).parent / "conf"
 # Every DDP process runs this script; only the first one reports.
 log.addFilter(lambda record: rank_zero_only.rank == 0)
 
@@ -204,7 +204,8 @@ def planned_steps(cfg: DictConfig, num_params: int) -> int:
 def peak_flops(cfg: DictConfig, hw_name: str) -> float | None:
     """hw.peak_flops, or the table's value for this machine's GPU; warns when they disagree."""
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.hw.accelerator != "cpu" else None
-    detected = peak_flops_for(device_name) if device_name else None
+    gpu = gpu_for_device(device_name) if device_name else None
+    detected = gpu.peak_flops if gpu else None
     configured = cfg.hw.peak_flops
     if configured and detected and abs(configured - detected) > 0.05 * detected:
         log.warning(
@@ -430,10 +431,10 @@ def check_group_options(argv: list[str]) -> None:
         return  # other config folders may add options
     for arg in argv:
         match = re.fullmatch(r"([a-z_]+)=(.+)", arg)  # group=option; sweeps and lists too
-        if not match or not (CONF_DIR / match.group(1)).is_dir():
+        if not match or not (config_dir() / match.group(1)).is_dir():
             continue
         group = match.group(1)
-        known = sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+        known = sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
         for option in match.group(2).strip("[]").split(","):
             if option.strip() not in known + ["null"]:
                 raise ConfigError(f"{group}={option.strip()} is not a {group} option; choose one of {', '.join(known)}")
@@ -453,7 +454,7 @@ def write_result(run_dir: str, status: str, **details) -> None:
         (Path(run_dir) / "result.json").write_text(json.dumps({"status": status, **details}) + "\n")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """One run; in a sweep, a failed run is reported and the sweep goes on (its value is NaN,
     which optimising sweepers count as a failed trial)."""

@@ -1,0 +1,37 @@
+"""Where the Hydra config lives, and reading one of its option files.
+
+A checkout (and an editable install) keeps it in the repository's top-level conf/; a wheel
+carries the same folder inside the package (pyproject.toml maps it there). This is the one
+place that knows which.
+"""
+
+from functools import cache
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from fineweb_gpt.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@cache
+def config_dir() -> Path:
+    """The folder holding train.yaml and the config groups."""
+    for candidate in (PACKAGE_DIR / "conf", PACKAGE_DIR.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise ConfigError(f"fineweb_gpt's config folder (conf/train.yaml) is missing beside {PACKAGE_DIR}; reinstall it")
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: group_options('model') -> ['124m', '40m', 'tiny']."""
+    return sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
+
+
+def load_option(group: str, option: str) -> dict:
+    """One option's settings as a plain dict, e.g. load_option('model', '124m')."""
+    path = config_dir() / group / f"{option}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{group}={option} is not a {group} option; choose one of {', '.join(group_options(group))}")
+    return OmegaConf.to_container(OmegaConf.load(path))

@@ -20,14 +20,16 @@ import time
 
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
 from fineweb_gpt.callbacks import RunMonitor
-from fineweb_gpt.config_files import load_option
+from fineweb_gpt.config_files import config_dir, load_option
 from fineweb_gpt.flops import flops_per_token, gpu_for_device, gpu_table, model_flops_utilization
-from fineweb_gpt.lit_module import GPTLightningModule, learning_rate
+from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.model import GPTConfig, compile_gpt
-from fineweb_gpt.train import run_plan
+from fineweb_gpt.optimization import learning_rate
+from fineweb_gpt.plan import run_plan
 
 LR, MIN_LR, WARMUP = 6e-4, 6e-5, 2
 
@@ -53,27 +55,32 @@ class StepTimer(L.Callback):
         self.seconds = time.perf_counter() - self.started
 
 
+def project_plan(args, model_config: dict, num_params: int, precision: str) -> dict:
+    """The run plan the training command would make for this model and batch (RunMonitor's input)."""
+    overrides = [
+        f"model={args.model}",
+        f"hw.micro_batch_size={args.micro_batch}",
+        f"total_batch_tokens={args.micro_batch * args.accumulation * model_config['block_size']}",
+        f"trainer.max_steps={args.steps}",
+        f"trainer.precision={precision}",
+        f"optim.lr={LR}",
+        f"optim.min_lr={MIN_LR}",
+        f"optim.warmup_steps={WARMUP}",
+        f"val_every_steps={10**9}",
+    ]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    choices = {"model": args.model, "hw": args.hw or "benchmark"}
+    return run_plan(cfg, GPTConfig(**model_config), num_params, choices, world_size=1, grad_accum=args.accumulation)
+
+
 def lightning_round(args, model_config, windows, device, precision) -> float:
     torch.manual_seed(0)
     optim = {"lr": LR, "min_lr": MIN_LR, "warmup_steps": WARMUP, "weight_decay": 0.1}
     module = GPTLightningModule(
         model_config=model_config, **optim, compile_model=args.compile, compile_tuning=args.compile_tuning
     )
-    plan = run_plan(
-        model_name=args.model,
-        model_config=GPTConfig(**model_config),
-        num_params=module.model.num_params(),
-        block_size=model_config["block_size"],
-        hw_name=args.hw or device.type,
-        peak_flops=None,
-        precision=precision,
-        micro_batch_size=args.micro_batch,
-        grad_accum=args.accumulation,
-        world_size=1,
-        max_steps=args.steps,
-        optim=optim,
-        val_every_steps=10**9,
-    )
+    plan = project_plan(args, model_config, module.model.num_params(), precision)
     timer = StepTimer(args.warmup)
     with tempfile.TemporaryDirectory() as logs:
         trainer = L.Trainer(

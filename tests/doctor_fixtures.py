@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fineweb_gpt.lit_module import learning_rate
+from fineweb_gpt.optimization import learning_rate
 
 TOKENS_PER_STEP = 524288
 PARAMS_40M = 40_560_000

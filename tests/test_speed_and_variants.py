@@ -11,8 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.lit_module import CombinedOptimizer
 from fineweb_gpt.model import GPT, GPTConfig, KVCache
+from fineweb_gpt.optimization import CombinedOptimizer
 from fineweb_gpt.train import train
 from helpers import CONF_DIR, SMALL  # noqa: F401
 

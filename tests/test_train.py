@@ -8,9 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.lit_module import learning_rate
 from fineweb_gpt.model import GPTConfig
-from fineweb_gpt.train import count_devices, gradient_accumulation, train
+from fineweb_gpt.optimization import learning_rate
+from fineweb_gpt.plan import check_config, count_devices, gradient_accumulation, world_size_of
+from fineweb_gpt.train import train
 from helpers import CONF_DIR, SMALL, quiet_cpu_trainer, recorded_batches, run_cli
 
 
@@ -50,12 +51,20 @@ def group_options():
 
 
 @pytest.mark.parametrize("override", list(group_options()))
-def test_every_config_group_option_composes(make_config, override):
+def test_every_config_group_option_plans_or_says_why_in_one_line(make_config, override):
     cfg = make_config(override)
-    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    assert resolved["model"]["n_layer"] > 0
-    GPTConfig(**cfg.model)  # every model preset is valid
-    assert cfg.trainer._target_ == "lightning.Trainer"
+    try:
+        check_config(cfg, override.partition("=")[2])
+        world_size = world_size_of(cfg.trainer)
+        accumulation = gradient_accumulation(
+            cfg.total_batch_tokens, cfg.hw.micro_batch_size, cfg.data.block_size, world_size
+        )
+        GPTConfig(**cfg.model)
+    except ConfigError as err:  # a GPU profile on this CPU machine, a data option without its path
+        assert "\n" not in str(err)
+        assert "needs a CUDA GPU" in str(err) or "has no value" in str(err) or "trainer=fsdp" in str(err)
+    else:
+        assert cfg.total_batch_tokens == accumulation * cfg.hw.micro_batch_size * cfg.data.block_size * world_size
 
 
 def test_quickstart_defaults_compose_to_a_short_cpu_sized_run(make_config):
@@ -282,11 +291,11 @@ def test_damage_met_by_a_dataloader_worker_keeps_its_one_line(tmp_path):
     from torch.utils.data import DataLoader
 
     from fineweb_gpt.data import TokenWindowStream, inspect_parquet
-    from fineweb_gpt.train import error_line
+    from fineweb_gpt.errors import one_line
 
     path = write_damaged_sample(tmp_path)
     stream = TokenWindowStream([inspect_parquet(path, "text")], "text", 0.05, 32, 4, 64, seed=0, num_workers=1)
     with pytest.raises(ConfigError) as raised:
         next(iter(DataLoader(stream, batch_size=None, num_workers=1)))
     assert "Original Traceback" in str(raised.value)  # what a worker's exception looks like in the trainer
-    assert error_line(raised.value).startswith(f"{path} could not be read (")
+    assert one_line(raised.value).startswith(f"{path} could not be read (")

@@ -1,121 +1,20 @@
-"""Lightning callbacks: what Lightning's own ones leave out for token-budgeted runs."""
+"""Lightning callbacks: what users watch, measured per optimizer step, and a progress bar in steps."""
 
 import json
 import logging
 import math
-import os
-import signal
-import subprocess
-import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from fineweb_gpt.flops import human_count, human_ratio, model_flops_utilization, size_mismatch
 from fineweb_gpt.health import RunHealth
+from fineweb_gpt.optimization import learning_rates
 
 log = logging.getLogger("fineweb_gpt")
-
-
-class StepCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint for step-budgeted runs that may be killed or preempted.
-
-    Saves every `every_n_train_steps` steps and every `every_n_minutes` minutes (Lightning
-    refuses the two together, though its saving logic handles both), always between
-    optimizer steps, never part way through a gradient accumulation; at the end of
-    training (Lightning saves then only if it never saved), and when SIGTERM or SIGUSR1
-    (SLURM's warning before the time limit) arrives: at the end of the current optimizer
-    step it saves and stops the run, and on SIGUSR1 under SLURM it requeues the job.
-    Lightning writes each file to a temporary name and renames it, and last.ckpt is
-    switched to the newest file by an atomic rename, so a kill never leaves it half written.
-    """
-
-    def __init__(self, every_n_minutes: float | None = None, **kwargs):
-        super().__init__(**kwargs)
-        if every_n_minutes:
-            self._train_time_interval = timedelta(minutes=every_n_minutes)
-        self.signal_received: int | None = None
-        self.stopped_by_signal: str | None = None
-        self._steps_seen = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        self._steps_seen = trainer.global_step
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(signum, self._remember_signal)  # Lightning restores its own after fit
-            # With its handler replaced, Lightning's SIGTERM flag stays down, yet under DDP its loop
-            # broadcasts that flag before every micro-batch: a wait for the GPU each time
-            # (Lightning-AI/pytorch-lightning#21487). Ours is shared once per optimizer step instead.
-            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
-
-    def _remember_signal(self, signum: int, frame) -> None:
-        self.signal_received = signum
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        # Saving and stopping wait for the end of the optimizer step. Lightning would take a
-        # time-based checkpoint part way through one, and a run resumed from it would lose the
-        # micro-batches already accumulated; under DDP its per-micro-batch check is also a
-        # broadcast, a wait for the GPU.
-        if trainer.global_step == self._steps_seen:
-            return
-        self._steps_seen = trainer.global_step
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        # Every rank stops at the same step, whichever of them got the signal.
-        if not trainer.strategy.reduce_boolean_decision(self.signal_received is not None, all=False):
-            return
-        self.stopped_by_signal = signal.Signals(self.signal_received or signal.SIGTERM).name
-        self.save_now(trainer)
-        trainer.should_stop = True
-        if self.signal_received == signal.SIGUSR1 and "SLURM_JOB_ID" in os.environ and trainer.is_global_zero:
-            requeue_slurm_job()
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.save_now(trainer)
-
-    def save_now(self, trainer: L.Trainer) -> None:
-        """Save this step's checkpoint (and point last.ckpt at it) unless it is already saved."""
-        if self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
-
-    @staticmethod
-    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
-        # Lightning removes the old link and then creates the new one: a kill in between
-        # would leave no last.ckpt. Make the new link under another name and rename it over.
-        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            temporary = f"{linkpath}.{os.getpid()}.tmp"
-            if os.path.lexists(temporary):
-                os.remove(temporary)
-            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), temporary)
-            os.replace(temporary, linkpath)
-        trainer.strategy.barrier()
-
-
-def requeue_slurm_job() -> None:
-    """Put this SLURM job back in the queue, as Lightning's own SLURM handler does."""
-    job = os.environ["SLURM_JOB_ID"]
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if result.returncode == 0:
-        log.info("Requeued SLURM job %s", job)
-    else:
-        log.warning("Could not requeue SLURM job %s: %s", job, result.stderr.strip())
-
-
-def learning_rates(optimizer) -> dict[str, float]:
-    """train/lr: the schedule of optim.lr (AdamW's groups); with optim=muon also train/lr_muon, Muon's own."""
-    rates = {}
-    for group in optimizer.param_groups:
-        name = "train/lr" if group.get("optimizer", "adamw") == "adamw" else f"train/lr_{group['optimizer']}"
-        rates.setdefault(name, group["lr"])
-    return rates
 
 
 def format_duration(seconds: float) -> str:

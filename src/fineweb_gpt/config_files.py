@@ -1,4 +1,4 @@
-"""Where the Hydra config lives, and reading one of its option files.
+"""Where the Hydra config lives, reading one of its option files, and what Hydra says of this job.
 
 A checkout (and an editable install) keeps it in the repository's top-level conf/; a wheel
 carries the same folder inside the package (pyproject.toml maps it there). This is the one
@@ -35,3 +35,27 @@ def load_option(group: str, option: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{group}={option} is not a {group} option; choose one of {', '.join(group_options(group))}")
     return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def hydra_choices() -> dict:
+    """Which option of each config group this run uses (model=124m -> {'model': '124m'})."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_names() -> tuple[str, str] | None:
+    """(the sweep's folder, this point's overrides) in a multirun, for grouping loggers' runs."""
+    if not in_multirun():
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    job = HydraConfig.get()
+    return job.sweep.dir, job.job.override_dirname or str(job.job.num)

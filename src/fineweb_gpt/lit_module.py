@@ -1,4 +1,4 @@
-"""Training and validation steps, optimizer and learning-rate schedule for the GPT."""
+"""The LightningModule: training and validation steps of the GPT, and the guard on each step's loss."""
 
 import logging
 import math
@@ -10,21 +10,8 @@ import torch
 
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.model import GPT, GPTConfig, compile_gpt
+from fineweb_gpt.optimization import build_optimizer, learning_rates, warmup_cosine
 from fineweb_gpt.tokenizer import END_OF_TEXT_ID, GPT2_RANKS_SHA256
-
-
-def learning_rate(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
-    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at decay_steps.
-
-    `step` counts optimizer steps already taken, so micro-batches never move the schedule.
-    """
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step >= decay_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
 
 log = logging.getLogger("fineweb_gpt")
 
@@ -51,37 +38,6 @@ class LossGuard:
         )
         self.recent.append(loss)  # spikes too, so a lasting shift in level stops counting as one
         return self.action if spike else None
-
-
-class CombinedOptimizer(torch.optim.Optimizer):
-    """Several optimizers stepped as one, since Lightning's automatic optimization drives a
-    single optimizer. Its param_groups are the inner optimizers' own, so a learning-rate
-    scheduler on it reaches them all."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]):
-        self.optimizers = optimizers
-        super().__init__([p for o in optimizers for g in o.param_groups for p in g["params"]], {})
-        self.param_groups = [group for o in optimizers for group in o.param_groups]
-
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for optimizer in self.optimizers:
-            optimizer.step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        for optimizer, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
-            optimizer.load_state_dict(state)
 
 
 class GPTLightningModule(L.LightningModule):
@@ -193,7 +149,7 @@ class GPTLightningModule(L.LightningModule):
         verdict = self.guard.verdict(loss) if before_update else "nonfinite"
         if verdict is None:
             return
-        step, lr = self.trainer.global_step + 1, optimizer.param_groups[0]["lr"]  # the step being taken
+        step, lr = self.trainer.global_step + 1, learning_rates(optimizer)["train/lr"]  # the step being taken
         checkpoint = self.trainer.checkpoint_callback.last_model_path if self.trainer.checkpoint_callback else ""
         kept = f"the last good checkpoint, {checkpoint}, is untouched" if checkpoint else "no checkpoint was saved yet"
         if verdict == "skip":
@@ -210,34 +166,19 @@ class GPTLightningModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        # optim=muon: Muon orthogonalises the updates of the blocks' weight matrices; the
-        # embedding (tied to the head) and the gains stay with AdamW, as Muon's authors advise.
-        hidden = {id(p) for p in self.model.blocks.parameters() if p.dim() == 2} if hp.optimizer == "muon" else set()
-        rest = [p for p in params if id(p) not in hidden]
-        # Decay only matrices (linear weights and embeddings); gains and biases stay free.
-        groups = [
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-        ]
         # Fused AdamW on CUDA, except with fp16 loss scaling: Lightning must unscale the
         # gradients before clipping, and cannot with a fused optimizer.
         fused = self.device.type == "cuda" and not str(self.trainer.precision).startswith("16")
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
-        if hidden:
-            # Muon's own learning rate (its orthogonalised updates have unit scale); the
-            # schedule scales it by the same warmup and decay as AdamW's.
-            muon = torch.optim.Muon(
-                [{"params": [p for p in params if id(p) in hidden], "optimizer": "muon"}],
-                lr=hp.muon_lr,
-                weight_decay=hp.weight_decay,
-                momentum=hp.muon_momentum,
-            )
-            optimizer = CombinedOptimizer([muon, optimizer])
-        decay_steps = self.trainer.max_steps
-
-        def lr_factor(step: int) -> float:
-            return learning_rate(step, hp.lr, hp.min_lr, hp.warmup_steps, decay_steps) / hp.lr
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        optimizer = build_optimizer(
+            self.model,
+            hp.optimizer,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+            fused=fused,
+            muon_lr=hp.muon_lr,
+            muon_momentum=hp.muon_momentum,
+        )
+        schedule = warmup_cosine(optimizer, hp.lr, hp.min_lr, hp.warmup_steps, decay_steps=self.trainer.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,4 +1,4 @@
-"""Reading what a run leaves in its folder: metrics.csv, run_summary.json, result.json.
+"""What a run leaves in its folder: metrics.csv, run_summary.json, result.json.
 
 The doctor and the sweep table read run folders through here, so they agree on what a
 folder holds.
@@ -7,6 +7,8 @@ folder holds.
 import csv
 import json
 from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_only
 
 METRICS_FILE = Path("csv") / "metrics.csv"
 SUMMARY_FILE = "run_summary.json"
@@ -56,3 +58,10 @@ def read_metrics(path: Path) -> list[dict]:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def write_result(run_dir: str, status: str, **details) -> None:
+    """result.json in the run folder: how the run ended, for the sweep table."""
+    if rank_zero_only.rank == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / RESULT_FILE).write_text(json.dumps({"status": status, **details}) + "\n")

@@ -1,0 +1,105 @@
+"""How the GPT's weights are updated: AdamW (or Muon + AdamW) parameter groups, and the
+learning-rate schedule, linear warmup then cosine decay, counted in optimizer steps."""
+
+import math
+
+import torch
+from torch import nn
+
+
+def learning_rate(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at decay_steps.
+
+    `step` counts optimizer steps already taken, so micro-batches never move the schedule.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(optimizer, lr: float, min_lr: float, warmup_steps: int, decay_steps: int):
+    """The schedule as a LambdaLR: every param group (Muon's too) is scaled by the same factor."""
+
+    def factor(step: int) -> float:
+        return learning_rate(step, lr, min_lr, warmup_steps, decay_steps) / lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimizer(
+    model: nn.Module,
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    fused: bool = False,
+    muon_lr: float = 0.02,
+    muon_momentum: float = 0.95,
+) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (linear weights and embeddings; gains and biases
+    stay free). optimizer="muon": Muon orthogonalises the updates of the blocks' weight
+    matrices; the embedding (tied to the head) and the gains stay with AdamW, as Muon's
+    authors advise. Each param group says which optimizer it belongs to (group["optimizer"])."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden = {id(p) for p in model.blocks.parameters() if p.dim() == 2} if optimizer == "muon" else set()
+    rest = [p for p in params if id(p) not in hidden]
+    groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "optimizer": "adamw"},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "optimizer": "adamw"},
+    ]
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    if not hidden:
+        return adamw
+    # Muon's own learning rate (its orthogonalised updates have unit scale); the schedule
+    # scales it by the same warmup and decay as AdamW's.
+    muon = torch.optim.Muon(
+        [{"params": [p for p in params if id(p) in hidden], "optimizer": "muon"}],
+        lr=muon_lr,
+        weight_decay=weight_decay,
+        momentum=muon_momentum,
+    )
+    return CombinedOptimizer([muon, adamw])
+
+
+def learning_rates(optimizer) -> dict[str, float]:
+    """train/lr: the schedule of optim.lr (AdamW's groups); with optim=muon also train/lr_muon, Muon's own."""
+    rates = {}
+    for group in optimizer.param_groups:
+        name = "train/lr" if group.get("optimizer", "adamw") == "adamw" else f"train/lr_{group['optimizer']}"
+        rates.setdefault(name, group["lr"])
+    return rates
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers stepped as one, since Lightning's automatic optimization drives a
+    single optimizer. Its param_groups are the inner optimizers' own, so a learning-rate
+    scheduler on it reaches them all."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        super().__init__([p for o in optimizers for g in o.param_groups for p in g["params"]], {})
+        self.param_groups = [group for o in optimizers for group in o.param_groups]
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for optimizer, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            optimizer.load_state_dict(state)

@@ -1,0 +1,196 @@
+"""The run plan, worked out from the config before anything is built: the checks that refuse a
+config that cannot work, the batch (gradient accumulation from tokens per step), the run
+length, the precision and the GPU's peak FLOPS. Its result is the run summary's static part."""
+
+import logging
+import math
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.flops import chinchilla_tokens, flops_per_token, gpu_for_device, human_count
+from fineweb_gpt.model import GPTConfig
+from fineweb_gpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
+
+log = logging.getLogger("fineweb_gpt")
+LIGHTNING_FSDP = "lightning.pytorch.strategies.FSDPStrategy"
+
+
+def check_config(cfg: DictConfig, hw_name: str) -> None:
+    """Refuse a run that cannot work before any data is read."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"{missing[0]} has no value; set it on the command line, e.g. {missing[0]}=/data/fineweb/000_00000.parquet"
+        )
+    if cfg.hw.requires_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"hw={hw_name} needs a CUDA GPU and this machine has none; use hw=cpu (or hw=auto)")
+    for derived, instead in (
+        ("accumulate_grad_batches", "total_batch_tokens"),
+        ("val_check_interval", "val_every_steps"),
+    ):
+        if cfg.trainer.get(derived) is not None:
+            raise ConfigError(f"trainer.{derived} is derived by fineweb_gpt; set {instead} instead")
+    for key in ("val_every_steps", "total_batch_tokens", "max_tokens"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    max_steps = cfg.trainer.max_steps
+    if max_steps is not None and (max_steps == 0 or max_steps < -1):
+        raise ConfigError(f"trainer.max_steps={max_steps} must be positive (or -1: run length from max_tokens)")
+    if cfg.data.block_size > cfg.model.block_size:
+        raise ConfigError(
+            f"data.block_size={cfg.data.block_size} is longer than the model's context, model.block_size="
+            f"{cfg.model.block_size}; lower data.block_size or raise model.block_size"
+        )
+    if cfg.model.vocab_size < GPT2_VOCAB_SIZE:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is below the GPT-2 tokenizer's {GPT2_VOCAB_SIZE} ids; "
+            f"use model.vocab_size={PADDED_VOCAB_SIZE} (padded to a multiple of 64)"
+        )
+
+
+# --- the batch ----------------------------------------------------------------------------
+
+
+def count_devices(devices, accelerator: str) -> int:
+    """Processes per node for trainer.devices, read the way Lightning reads it."""
+    if devices in ("auto", -1, "-1"):
+        uses_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return torch.cuda.device_count() if uses_cuda else 1
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    return int(devices)
+
+
+def world_size_of(trainer: DictConfig) -> int:
+    """Processes of the whole run: devices per node x nodes."""
+    world_size = count_devices(trainer.devices, trainer.accelerator) * trainer.num_nodes
+    check_fsdp(trainer.strategy, trainer.accelerator, world_size)
+    return world_size
+
+
+def gradient_accumulation(total_batch_tokens: int, micro_batch_size: int, block_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step so that each step sees exactly total_batch_tokens."""
+    tokens_per_micro_step = micro_batch_size * block_size * world_size
+    if total_batch_tokens <= 0 or total_batch_tokens % tokens_per_micro_step:
+        multiple = max(1, round(total_batch_tokens / tokens_per_micro_step)) * tokens_per_micro_step
+        raise ConfigError(
+            f"total_batch_tokens={total_batch_tokens} is not a multiple of hw.micro_batch_size x data.block_size x "
+            f"world size = {micro_batch_size} x {block_size} x {world_size} = {tokens_per_micro_step}; "
+            f"use total_batch_tokens={multiple} or change hw.micro_batch_size"
+        )
+    return total_batch_tokens // tokens_per_micro_step
+
+
+def check_fsdp(strategy, accelerator: str, world_size: int) -> None:
+    """trainer=fsdp needs CUDA GPUs and at least two processes to shard across."""
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    if "fsdp" not in target.lower():
+        return
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if (target == LIGHTNING_FSDP or target.startswith("fsdp")) and on_cpu:
+        raise ConfigError(
+            "trainer=fsdp shards the model across CUDA GPUs and this run is on the CPU; "
+            "use trainer=ddp trainer.devices=2 for several CPU processes"
+        )
+    if world_size < 2:
+        # One process has nothing to shard, and torch's FSDP then (NO_SHARD) fails in bf16 on
+        # the tied embedding: "attempting to assign a gradient with dtype BFloat16 ...".
+        raise ConfigError(
+            "trainer=fsdp with 1 process has nothing to shard; use trainer=default on one GPU, "
+            "or trainer.devices=2 (or more) to shard across GPUs"
+        )
+
+
+def out_of_memory_error(total_batch_tokens: int, micro_batch_size: int, block_size: int, world_size: int, params):
+    """The one-line advice for a CUDA out-of-memory error: the largest smaller micro-batch that
+    still divides the tokens per step (accumulation grows to match)."""
+    smaller = next(
+        (m for m in range(micro_batch_size - 1, 0, -1) if total_batch_tokens % (m * block_size * world_size) == 0),
+        None,
+    )
+    advice = (
+        f"use hw.micro_batch_size={smaller} (gradient accumulation becomes "
+        f"{total_batch_tokens // (smaller * block_size * world_size)}, still {total_batch_tokens} tokens per step)"
+        if smaller
+        else "use a smaller model.block_size or model"
+    )
+    return ConfigError(
+        f"CUDA out of memory at hw.micro_batch_size={micro_batch_size} (block {block_size}, "
+        f"{human_count(params)} parameters); {advice}"
+    )
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+def planned_steps(max_steps: int | None, max_tokens: int | None, total_batch_tokens: int, num_params: int) -> int:
+    """trainer.max_steps if given, else max_tokens (default: Chinchilla-optimal) in steps."""
+    if max_steps is not None and max_steps > 0:
+        return int(max_steps)
+    return max(1, math.ceil((max_tokens or chinchilla_tokens(num_params)) / total_batch_tokens))
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """'auto' means bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def peak_flops(hw: DictConfig, hw_name: str) -> float | None:
+    """hw.peak_flops, or the GPU table's value for this machine's GPU; warns when they disagree."""
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and hw.accelerator != "cpu" else None
+    gpu = gpu_for_device(device_name) if device_name else None
+    configured, detected = hw.peak_flops, gpu.peak_flops if gpu else None
+    if configured and detected and abs(configured - detected) > 0.05 * detected:
+        log.warning(
+            "hw=%s says %.1f TFLOPS but this GPU is a %s (%.1f TFLOPS): MFU will be measured against the "
+            "profile's number; pick the matching hw profile or set hw.peak_flops",
+            hw_name,
+            configured / 1e12,
+            device_name,
+            detected / 1e12,
+        )
+    return configured or detected
+
+
+def run_plan(
+    cfg: DictConfig, model_config: GPTConfig, num_params: int, choices: dict, world_size: int, grad_accum: int
+) -> dict:
+    """The static facts of a run that its summary reports (run_summary.json's keys, less the data's)."""
+    hw_name = choices.get("hw", "custom")
+    block_size, micro_batch_size = cfg.data.block_size, cfg.hw.micro_batch_size
+    tokens_per_step = micro_batch_size * block_size * grad_accum * world_size
+    max_steps = planned_steps(cfg.trainer.max_steps, cfg.max_tokens, cfg.total_batch_tokens, num_params)
+    if cfg.optim.warmup_steps >= max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={cfg.optim.warmup_steps} is not below the run's {max_steps} steps; lower it"
+        )
+    return {
+        "model_name": choices.get("model", "custom"),
+        "num_params": num_params,
+        **model_config.to_dict(),
+        "hw_name": hw_name,
+        "peak_flops": peak_flops(cfg.hw, hw_name),
+        "precision": resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+        "compile": bool(cfg.hw.compile),
+        "micro_batch_size": micro_batch_size,
+        "grad_accum": grad_accum,
+        "world_size": world_size,
+        "tokens_per_step": tokens_per_step,
+        "max_steps": max_steps,
+        "planned_tokens": max_steps * tokens_per_step,
+        "chinchilla_tokens": chinchilla_tokens(num_params),
+        **{key: cfg.optim[key] for key in ("lr", "min_lr", "warmup_steps", "weight_decay")},
+        "val_every_steps": cfg.val_every_steps,
+        "flops_per_token": flops_per_token(
+            num_params, model_config.n_layer, model_config.n_head, model_config.n_embd, block_size
+        ),
+    }

@@ -304,6 +304,13 @@ def test_a_micro_batch_the_run_trained_at_fits_whatever_the_model_says():
     assert plan.micro_batch == 16 and "the run trained at micro-batch 16" in plan.describe()
 
 
+def test_a_micro_batch_measured_running_out_of_memory_is_never_proposed():
+    # conf/hw/h100.yaml: uncompiled 124m at micro-batch 64 does not fit on the 80 GB card, 32 does.
+    assert modelled_memory_gib(12, 768, 1024, PADDED_VOCAB_SIZE, 64) < 79  # the linear model alone would say it fits
+    plan = plan_batch(12, 768, 1024, memory_gb=80, tokens_per_step=524288)
+    assert plan.largest_fitting < 64 and (plan.micro_batch, plan.grad_accum) == (32, 16)
+
+
 def test_batch_plan_refuses_what_cannot_fit_or_divide():
     with pytest.raises(ConfigError, match="more than the 1 GiB"):
         plan_batch(12, 768, 1024, memory_gb=2, tokens_per_step=524288)

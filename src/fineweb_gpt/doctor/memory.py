@@ -29,6 +29,10 @@ MEASURED_PEAK_GIB = {
     (False, 12, 384): {2: 2.36, 4: 4.42, 6: 6.48, 8: 8.51, 10: 10.71},  # 40m
     (True, 12, 768): {8: 6.56, 64: 30.4},  # 124m, compiled with the fused head and loss
 }
+# Micro-batches seen running out of memory, by the GPU memory (GB) they did not fit on: 124m at 10
+# within max_micro_batch.py's 11 GiB cap (a 12 GB card), and uncompiled at 64 on an H100 80 GB
+# (conf/hw/h100.yaml), where the linear model, fitted on small micro-batches, says about 69 GiB.
+MEASURED_OUT_OF_MEMORY = {(False, 12, 768): {10: 12.0, 64: 80.0}}
 STATE_BYTES_PER_PARAM = 16  # fp32 weights and gradients, AdamW's two moments
 CUDA_CONTEXT_GIB = 1.0  # headroom outside the allocator
 
@@ -102,6 +106,16 @@ def training_memory(
     return MemoryEstimate(gib, False, bool(compiled))
 
 
+def out_of_memory_from(
+    n_layer: int, n_embd: int, block_size: int, vocab_size: int, bias: bool, compiled: bool, memory_gb: float
+) -> int | None:
+    """The smallest micro-batch measured not to fit on a GPU this size or larger, for this setup."""
+    if block_size != MEASURED_BLOCK_SIZE or vocab_size != PADDED_VOCAB_SIZE or bias:
+        return None
+    seen = MEASURED_OUT_OF_MEMORY.get((bool(compiled), n_layer, n_embd), {})
+    return min((m for m, gpu_gb in seen.items() if memory_gb <= gpu_gb), default=None)
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     micro_batch: int
@@ -127,7 +141,7 @@ class BatchPlan:
                 f"above the {budget:g} GiB left after the CUDA context: the model is too cautious here"
             )
         if self.largest_fitting > self.micro_batch:
-            text += f"; micro-batch {self.largest_fitting} fits too but does not divide the step"
+            text += f"; by the model micro-batch {self.largest_fitting} fits too, but it does not divide the step"
         return text
 
 
@@ -149,7 +163,8 @@ def plan_batch(
     known_to_fit: int = 0,
 ) -> BatchPlan:
     """The largest micro-batch that fits in memory and divides the tokens per step. A micro-batch
-    a run was seen training at on this GPU (known_to_fit) fits, whatever the model says."""
+    measured running out of memory on a GPU this size is never proposed; one a run was seen
+    training at on this GPU (known_to_fit) fits, whatever the model says."""
     sequences, remainder = divmod(tokens_per_step, block_size * world_size)
     if remainder or sequences == 0:
         raise ConfigError(
@@ -169,7 +184,9 @@ def plan_batch(
             "use a smaller model, compile it, or use a bigger GPU"
         )
     # Memory grows with the micro-batch: bisect for the largest that fits.
-    largest, too_big = max(1, known_to_fit), sequences + 1
+    out_of_memory = out_of_memory_from(n_layer, n_embd, block_size, vocab_size, bias, compiled, memory_gb)
+    too_big = sequences + 1 if out_of_memory is None else min(sequences + 1, max(out_of_memory, known_to_fit + 1))
+    largest = max(1, known_to_fit)
     while too_big - largest > 1:
         middle = (largest + too_big) // 2
         largest, too_big = (middle, too_big) if memory(middle).gib <= budget else (largest, middle)
@@ -216,8 +233,14 @@ def check_batch_plan(run: RunRecord) -> Finding | None:
         evidence += " (nanoGPT compiled, but its step still holds the whole logits, as an uncompiled one does)"
     if current and current != plan.micro_batch:
         need = training_memory(n_layer, n_embd, block_size, vocab_size, current, bias, modelled_compiled)
+        out_of_memory = out_of_memory_from(n_layer, n_embd, block_size, vocab_size, bias, modelled_compiled, memory_gb)
         evidence += f"; this run {'trained at' if trained else 'uses'} micro-batch {current}"
-        evidence += ", so it fits" if trained else f", which needs about {need.describe()}"
+        if trained:
+            evidence += ", so it fits"
+        elif out_of_memory and current >= out_of_memory:
+            evidence += f", and micro-batch {out_of_memory} was measured running out of memory on a GPU this size"
+        else:
+            evidence += f", which needs about {need.describe()}"
     fix = ""
     if current and current < plan.micro_batch:
         fix = f"{run.setting('micro_batch', plan.micro_batch)}: fewer, larger micro-batches keep the GPU busier"

@@ -473,3 +473,16 @@ def test_the_plot_survives_extreme_values(tmp_path):
     ]
     for log_x in (False, True):
         assert plot_losses(RunRecord({"source": "csv"}, rows), log_x).startswith(b"\x89PNG")
+
+
+def test_the_doctor_reads_the_folder_a_real_training_run_leaves(tmp_path, capsys):
+    from helpers import SMALL, run_cli
+
+    run_dir = tmp_path / "run"
+    result = run_cli(*SMALL, "trainer.max_steps=4", "val_every_steps=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    doctor(tmp_path / "elsewhere", str(run_dir))
+    report = (run_dir / "REPORT.md").read_text()
+    assert "| trained | 4 steps, 1.02K tokens (256 per step) |" in report  # 4 steps of SMALL's 256 tokens
+    assert "### Undertrained:" in report and "smoke test" in report
+    assert (run_dir / "REPORT.png").read_bytes().startswith(b"\x89PNG")

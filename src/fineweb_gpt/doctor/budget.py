@@ -139,14 +139,14 @@ def check_epochs(run: RunRecord) -> Finding | None:
     about = "about " if run.get("unique_train_tokens_estimated") else ""
     evidence = (
         f"{human_count(trained)} tokens trained over {about}{human_count(unique)} unique training tokens "
-        f"= {epochs:.2f} epochs"
+        f"= {human_ratio(epochs)} epochs"
     )
     plan_beside = ""
     if planned_epochs > 1.01 * epochs:
         evidence += f"; the plan is {planned_epochs:.2f} epochs{run.plan_note()}"
         plan_beside = f" (plan: {planned_epochs:.2f}{run.plan_note(', ')})"
     if judged <= 1:
-        title = f"Epochs: {epochs:.2f} trained{plan_beside}"
+        title = f"Epochs: {human_ratio(epochs)} trained{plan_beside}"
         return Finding("epochs", False, title, evidence + ": every token is new to the model")
 
     files = run.get("data_files", [])

@@ -56,8 +56,8 @@ LIST_KEYS = ("data_files", "run_names")
 
 
 def sanitized(summary: dict) -> dict:
-    """The summary with every number a finite one within its bounds, every list a list of
-    one-line texts, and every other value one line of text; anything else is dropped."""
+    """The summary with every number finite (and within its bounds where the checks use it),
+    every text one line, every list a list of one-line texts; anything else is dropped."""
     clean = {}
     for key, value in summary.items():
         if key in NUMBER_BOUNDS:
@@ -72,8 +72,10 @@ def sanitized(summary: dict) -> dict:
             if isinstance(value, list):
                 items = [item for item in value[:10_000] if isinstance(item, str | int | float)]
                 clean[key] = [one_line_text(item, 300) for item in items]
-        elif isinstance(value, str | int | float) and not isinstance(value, bool):
+        elif isinstance(value, str):
             clean[key] = one_line_text(value, 300)
+        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            clean[key] = value
     return clean
 
 

@@ -31,7 +31,8 @@ def describe_run(run: RunRecord) -> list[str]:
         last, best = val[-1], min(val, key=lambda p: p.value)
         lowest = f"lowest {best.value:.4f} at step {best.step:,}"
         lines.append(f"| val loss | {last.value:.4f} at step {last.step:,} ({lowest}) |")
-    hardware = " ".join(quoted(run.get(key), 80) for key in ("hw_name", "device_name") if run.get(key))
+    names = dict.fromkeys(str(run.get(key)) for key in ("hw_name", "device_name") if run.get(key))
+    hardware = " ".join(quoted(name, 80) for name in names)
     if run.get("compile") is not None:
         hardware += f"{', ' if hardware else ''}{'compiled' if run.get('compile') else 'not compiled'}"
     if hardware:

@@ -58,7 +58,7 @@ def read_run_folder(run_dir: Path) -> RunRecord:
             f"logged step, or ran with a logger that writes none.{wandb} 'logger=[csv,wandb]' to get it, or give the "
             "doctor a CSV of the run's history (columns step, train/loss, val/loss) exported from W&B"
         )
-    summary = sanitized({"source": "fineweb_gpt", **read_summary(run_dir)})
+    summary = sanitized({**read_summary(run_dir), "source": "fineweb_gpt"})
     return RunRecord(summary, read_metrics_file(metrics))
 
 

@@ -67,6 +67,8 @@ def per_gpu_tokens_per_sec(run: RunRecord, rows: list[dict], per_token: float) -
 
 
 def check_mfu(run: RunRecord) -> Finding | None:
+    if "cpu" in (run.get("hw_name"), run.get("device_name")):
+        return None  # MFU is a GPU's measure; a CPU has no peak in the hw profiles
     typical, outliers = split_step_times(run)
     rows = typical if typical else run.rows
     per_token = run_flops_per_token(run)

@@ -1,36 +1,30 @@
+"""The doctor's checks on run records with known answers: each finding where it must fire, and
+silence where it must not."""
+
 import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from doctor_fixtures import (
-    CHINCHILLA_STEPS_40M,
-    TOKENS_PER_STEP,
-    metric_rows,
-    power_law,
-    run_summary,
-)
-from fineweb_gpt.diagnose import (
-    MEASURED_PEAK_GIB,
-    PADDED_VOCAB_SIZE,
-    RunRecord,
-    diagnose,
-    fit_power_law,
-    forecast_loss,
-    mfu_on_gpu,
-    param_count,
-    plan_batch,
-    training_memory_gib,
-)
+from doctor_fixtures import CHINCHILLA_STEPS_40M, TOKENS_PER_STEP, metric_rows, power_law, run_summary
+from fineweb_gpt.doctor.checks import diagnose
+from fineweb_gpt.doctor.forecast import fit_power_law, forecast_loss
+from fineweb_gpt.doctor.memory import MEASURED_PEAK_GIB, modelled_memory_gib, plan_batch, training_memory
+from fineweb_gpt.doctor.nanogpt_log import config_value
+from fineweb_gpt.doctor.record import RunRecord, sanitized
+from fineweb_gpt.doctor.reference import LLMC_GPT2_124M
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.flops import gpu_table
+from fineweb_gpt.flops import gpu_table, param_count
 from fineweb_gpt.model import GPT, GPTConfig
+from fineweb_gpt.tokenizer import PADDED_VOCAB_SIZE
 
 RUN_TOKENS = CHINCHILLA_STEPS_40M * TOKENS_PER_STEP
 
 
 def findings_by_check(summary: dict, rows: list[dict]) -> dict:
-    return {f.check: f for f in diagnose(RunRecord(summary, rows))}
+    return {f.check: f for f in diagnose(RunRecord(sanitized(summary), rows))}
 
 
 def problems(summary: dict, rows: list[dict]) -> set[str]:
@@ -47,8 +41,8 @@ def test_healthy_run_has_no_problems():
     findings = findings_by_check(summary, metric_rows(summary))
     assert [f.title for f in findings.values() if f.problem] == []
     # ...and still says what it measured.
-    assert "1.00x" in findings["token_budget"].evidence
-    assert findings["epochs"].title == f"Epochs: {RUN_TOKENS / 1.2e9:.2f}"
+    assert findings["token_budget"].title == "Tokens: 1.00x Chinchilla-optimal trained"
+    assert findings["epochs"].title == f"Epochs: {RUN_TOKENS / 1.2e9:.2f} trained"
     assert findings["mfu"].title == "MFU 45%: fair"
     assert "continuing is worth it" in findings["forecast"].fix
 
@@ -65,8 +59,7 @@ def test_parameter_count_formula_matches_the_model(n_layer, n_head, n_embd, bias
 def test_124m_name_at_width_384_is_flagged_with_the_width_that_fixes_it():
     summary = run_summary(model_name="124m")  # the 40m shape: n_embd=384, 40.56M parameters
     finding = findings_by_check(summary, metric_rows(summary))["model_size"]
-    assert finding.problem
-    assert "124.00M" in finding.evidence and "40.56M" in finding.evidence
+    assert finding.problem and "124.00M" in finding.evidence and "40.56M" in finding.evidence
     assert finding.fix.startswith("model.n_embd=768 gives 123.59M")
 
 
@@ -76,13 +69,34 @@ def test_names_that_match_or_state_no_size_are_not_flagged(name):
     assert "model_size" not in findings_by_check(summary, metric_rows(summary))
 
 
-def test_undertrained_run_gets_the_steps_that_reach_chinchilla():
+def test_an_undertrained_run_gets_the_steps_that_reach_chinchilla_and_a_useful_smaller_model():
     params = param_count(12, 768)
     steps = math.ceil(0.25 * 20 * params / TOKENS_PER_STEP)
     summary = run_summary(model_name="124m", num_params=params, n_embd=768, max_steps=steps)
     finding = findings_by_check(summary, metric_rows(summary))["token_budget"]
     assert finding.problem and "0.25x" in finding.title
     assert f"trainer.max_steps={math.ceil(20 * params / TOKENS_PER_STEP)}" in finding.fix
+    width = int(finding.fix.split("model.n_embd=")[1].split(" ")[0])
+    assert param_count(12, width) == pytest.approx(steps * TOKENS_PER_STEP / 20, rel=0.1)
+
+
+def test_a_smoke_test_budget_gets_no_advice_to_shrink_the_model_to_nothing():
+    # The quickstart: the 7.23M tiny model for 40 steps of 4,096 tokens, at about 1,900 tokens/s.
+    params = param_count(4, 128)
+    summary = run_summary(
+        model_name="tiny", num_params=params, n_layer=4, n_head=4, n_embd=128, block_size=256,
+        tokens_per_step=4096, max_steps=40, unique_train_tokens=1_140_000,
+    )  # fmt: skip
+    rows = [{**r, "perf/tokens_per_sec": 1900.0} if "perf/tokens_per_sec" in r else r for r in metric_rows(summary)]
+    finding = findings_by_check(summary, rows)["token_budget"]
+    budget_model = 40 * 4096 / 20
+    assert finding.problem and "smoke test" in finding.fix
+    assert (
+        "a model of about" not in finding.fix
+        and f"would have {budget_model / 1e3:.2f}K parameters, too few" in finding.fix
+    )
+    hours = 20 * params / 1900 / 3600
+    assert f"trainer.max_steps={math.ceil(20 * params / 4096)}" in finding.fix and f"about {hours:.1f} h" in finding.fix
 
 
 def test_several_epochs_of_one_parquet_file_are_named_as_the_plateau_cause():
@@ -94,10 +108,14 @@ def test_several_epochs_of_one_parquet_file_are_named_as_the_plateau_cause():
     assert f"about {math.ceil(RUN_TOKENS / 3e8)} files" in finding.fix
 
 
-def test_a_planned_second_epoch_is_flagged_before_it_happens():
+def test_a_planned_second_epoch_is_flagged_before_it_happens_but_an_assumed_plan_is_not_judged():
     summary = run_summary(unique_train_tokens=600_000_000)
     early_rows = [row for row in metric_rows(summary) if row["step"] <= 500]  # 262M tokens seen so far
-    assert "epochs" in problems(summary, early_rows)
+    finding = findings_by_check(summary, early_rows)["epochs"]
+    assert finding.problem and finding.title.startswith(f"Repeated data planned: {RUN_TOKENS / 6e8:.1f} epochs")
+    assumed = {**summary, "plan_source": "nanoGPT's default max_iters=600000, not in the log"}
+    finding = findings_by_check(assumed, early_rows)["epochs"]
+    assert not finding.problem and finding.title.startswith(f"Epochs: {500 * TOKENS_PER_STEP / 6e8:.2f} trained (plan:")
 
 
 def test_overfitting_reports_the_lowest_step_and_the_rise():
@@ -109,7 +127,7 @@ def test_overfitting_reports_the_lowest_step_and_the_rise():
     finding = findings_by_check(summary, rows)["overfitting"]
     evals = [row for row in rows if "val/loss" in row]
     best = min(evals, key=lambda row: row["val/loss"])
-    assert finding.title == f"Overfitting since step {best['step']}"
+    assert finding.title == f"Overfitting since step {best['step']:,}"
     assert f"{evals[-1]['val/loss'] - best['val/loss']:+.4f} higher" in finding.evidence
     assert "forecast" not in findings_by_check(summary, rows)  # no extrapolating a rising curve
 
@@ -118,17 +136,38 @@ def test_plateau_reports_where_the_curve_flattened():
     summary = run_summary()
     findings = findings_by_check(summary, metric_rows(summary, val_loss=flat_after_half, noise=0.0))
     first_flat_eval = math.ceil(CHINCHILLA_STEPS_40M / 2 / 100) * 100  # evaluations every 100 steps
-    assert findings["plateau"].title == f"Plateau since step {first_flat_eval}"
+    assert findings["plateau"].title == f"Plateau since step {first_flat_eval:,}"
     # The schedule decayed to min_lr by the end without helping: the learning rate is not the cause.
     assert "learning_rate" not in findings
     assert "larger model" in findings["plateau"].fix
 
 
-def test_learning_rate_still_high_on_the_plateau_suggests_a_lower_min_lr():
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("noise", [0.002, 0.01])
+def test_a_steadily_falling_noisy_curve_is_never_a_plateau(seed, noise):
+    summary = run_summary(max_steps=3000)
+    findings = findings_by_check(summary, metric_rows(summary, eval_every=50, noise=noise, seed=seed))
+    assert "plateau" not in findings and "learning_rate" not in findings
+
+
+@pytest.mark.parametrize("flat_share", [0.12, 0.3, 0.6])
+def test_a_clear_flattening_at_the_end_is_a_plateau_however_short(flat_share):
+    knee = (1 - flat_share) * RUN_TOKENS
+    summary = run_summary()
+
+    def val(tokens):
+        return power_law(min(tokens, knee))
+
+    findings = findings_by_check(summary, metric_rows(summary, val_loss=val, eval_every=25, noise=0.002))
+    start_tokens = int(findings["plateau"].title.split("step ")[1].replace(",", "")) * TOKENS_PER_STEP
+    assert abs(start_tokens - knee) <= 0.02 * RUN_TOKENS
+
+
+def test_learning_rate_that_never_decays_on_the_plateau_suggests_a_lower_min_lr():
     summary = run_summary(min_lr=6e-4)  # min_lr = lr: the schedule never decays
     rows = metric_rows(summary, val_loss=flat_after_half, constant_lr=True, noise=0.0)
     finding = findings_by_check(summary, rows)["learning_rate"]
-    assert finding.problem and "100% of its peak" in finding.evidence
+    assert finding.problem and "the schedule never decays" in finding.evidence
     assert finding.fix.startswith("optim.min_lr=6e-05")
 
 
@@ -136,7 +175,10 @@ def test_plateau_with_the_decay_still_to_come_is_only_a_note():
     summary = run_summary(max_steps=3000)
     rows = [row for row in metric_rows(summary, val_loss=flat_after_half, noise=0.0) if row["step"] <= 1548]
     findings = findings_by_check(summary, rows)
-    assert not findings["learning_rate"].problem
+    assert (
+        not findings["learning_rate"].problem
+        and "the run is at step 1,548 of 3,000" in findings["learning_rate"].evidence
+    )
     assert "decay still to come" in findings["plateau"].fix
 
 
@@ -149,9 +191,15 @@ def test_dropout_is_flagged_only_when_val_is_below_train(dropout, gap, flagged):
         assert findings["dropout"].fix.startswith("model.dropout=0.0")
 
 
-def test_nanogpt_mfu_on_an_a100_converts_to_the_rtx_4070():
-    real = mfu_on_gpu(0.1107, gpu_table()["a100"].peak_flops, gpu_table()["rtx4070"].peak_flops)
-    assert real == pytest.approx(0.592, abs=0.001)
+def test_mfu_measured_against_an_a100_is_re_expressed_on_the_real_gpu():
+    summary = run_summary()
+    rows = [{**row, "perf/mfu": 0.1107} if "perf/mfu" in row else row for row in metric_rows(summary)]
+    summary.update(peak_flops=None, hw_name="rtx4070", mfu_reference="a100")  # as nanoGPT measures
+    finding = findings_by_check(summary, rows)["mfu"]
+    a100, rtx4070 = gpu_table()["a100"].peak_flops, gpu_table()["rtx4070"].peak_flops
+    assert finding.title == f"MFU {0.1107 * a100 / rtx4070:.0%}: good"
+    tokens_per_sec = 0.1107 * a100 / summary["flops_per_token"]
+    assert f"about {tokens_per_sec:,.0f} tokens/s per GPU" in finding.evidence
 
 
 def test_low_mfu_is_a_problem_and_good_mfu_is_not():
@@ -188,14 +236,42 @@ def test_forecast_says_when_there_are_too_few_points():
     assert "too few points" in finding.evidence
 
 
-def test_memory_model_reproduces_the_measurements():
-    for (n_layer, n_embd), peaks in MEASURED_PEAK_GIB.items():
+# --- the reference curve ------------------------------------------------------------------------------
+
+
+def test_the_reference_is_read_at_its_published_evaluations_and_between_them_in_log_tokens():
+    assert LLMC_GPT2_124M.at(8000 * 524_288) == pytest.approx(3.4431)
+    assert LLMC_GPT2_124M.at(19_560 * 524_288) == pytest.approx(3.2722)
+    middle = math.sqrt(12_250 * 16_000) * 524_288  # halfway in log tokens between two evaluations
+    assert LLMC_GPT2_124M.at(middle) == pytest.approx((3.3462 + 3.2882) / 2)
+    assert LLMC_GPT2_124M.at(100e6) is None and LLMC_GPT2_124M.at(20e9) is None
+
+
+@pytest.mark.parametrize(
+    "offset, verdict", [(0.0, "on par"), (0.1, "behind it"), (0.3, "well behind it"), (-0.1, "ahead of it")]
+)
+def test_a_124m_run_is_judged_against_the_reference_at_equal_tokens(offset, verdict):
+    steps = [1000, 2000, 4000, 8000]
+    rows = [{"step": s, "val/loss": LLMC_GPT2_124M.at(s * 524_288) + offset} for s in steps]
+    summary = {"model_name": "124m", "n_layer": 12, "n_head": 12, "n_embd": 768, "tokens_per_step": 524_288}
+    finding = findings_by_check(summary, rows)["reference"]
+    assert finding.title == f"Against GPT-2 124M trained by llm.c on FineWeb: {verdict} at 4.19B tokens"
+    assert f"at 4.19B tokens, the reference was at 3.443, this run is at {3.4431 + offset:.3f}" in finding.evidence
+
+
+# --- memory and the batch plan ----------------------------------------------------------------------
+
+
+def test_memory_figures_are_the_measurements_where_measured_and_the_model_stays_near_them():
+    for (compiled, n_layer, n_embd), peaks in MEASURED_PEAK_GIB.items():
         for micro_batch, gib in peaks.items():
-            assert training_memory_gib(n_layer, n_embd, 1024, PADDED_VOCAB_SIZE, micro_batch) == pytest.approx(
-                gib, abs=0.3
-            )
-    # 124m at micro-batch 10 ran out of memory within 11 GiB.
-    assert training_memory_gib(12, 768, 1024, PADDED_VOCAB_SIZE, 10) > 11
+            estimate = training_memory(n_layer, n_embd, 1024, PADDED_VOCAB_SIZE, micro_batch, compiled=compiled)
+            assert (estimate.gib, estimate.measured, estimate.compiled) == (gib, True, compiled)
+            modelled = modelled_memory_gib(n_layer, n_embd, 1024, PADDED_VOCAB_SIZE, micro_batch, compiled=compiled)
+            assert modelled == pytest.approx(gib, abs=0.3)
+    assert training_memory(12, 768, 1024, PADDED_VOCAB_SIZE, 12).describe().endswith("(modelled, uncompiled)")
+    # 124m at micro-batch 10 ran out of memory within 11 GiB, uncompiled.
+    assert modelled_memory_gib(12, 768, 1024, PADDED_VOCAB_SIZE, 10) > 11
 
 
 @pytest.mark.parametrize(
@@ -209,7 +285,30 @@ def test_memory_model_reproduces_the_measurements():
 def test_batch_plan_on_12_gb(n_embd, tokens_per_step, micro_batch, grad_accum, largest):
     plan = plan_batch(12, n_embd, 1024, memory_gb=12, tokens_per_step=tokens_per_step)
     assert (plan.micro_batch, plan.grad_accum, plan.largest_fitting) == (micro_batch, grad_accum, largest)
-    assert plan.peak_gib <= 12 - 1  # the CUDA context keeps 1 GiB
+    assert plan.memory.gib <= 12 - 1  # the CUDA context keeps 1 GiB
+
+
+def test_compiled_batch_plan_follows_the_two_compiled_measurements():
+    (small, small_gib), (large, large_gib) = sorted(MEASURED_PEAK_GIB[(True, 12, 768)].items())
+    per_sequence = (large_gib - small_gib) / (large - small)
+    largest = max(m for m in range(1, 513) if small_gib + (m - small) * per_sequence <= 11)
+    plan = plan_batch(12, 768, 1024, memory_gb=12, tokens_per_step=524288, compiled=True)
+    assert plan.largest_fitting == largest
+    assert plan.micro_batch == max(m for m in range(1, largest + 1) if 512 % m == 0)
+    assert plan.memory.compiled and not plan.memory.measured
+
+
+def test_a_micro_batch_the_run_trained_at_fits_whatever_the_model_says():
+    assert modelled_memory_gib(12, 384, 1024, PADDED_VOCAB_SIZE, 16) > 11  # uncompiled model: does not fit
+    plan = plan_batch(12, 384, 1024, memory_gb=12, tokens_per_step=524288, known_to_fit=16)
+    assert plan.micro_batch == 16 and "the run trained at micro-batch 16" in plan.describe()
+
+
+def test_a_micro_batch_measured_running_out_of_memory_is_never_proposed():
+    # conf/hw/h100.yaml: uncompiled 124m at micro-batch 64 does not fit on the 80 GB card, 32 does.
+    assert modelled_memory_gib(12, 768, 1024, PADDED_VOCAB_SIZE, 64) < 79  # the linear model alone would say it fits
+    plan = plan_batch(12, 768, 1024, memory_gb=80, tokens_per_step=524288)
+    assert plan.largest_fitting < 64 and (plan.micro_batch, plan.grad_accum) == (32, 16)
 
 
 def test_batch_plan_refuses_what_cannot_fit_or_divide():
@@ -217,3 +316,29 @@ def test_batch_plan_refuses_what_cannot_fit_or_divide():
         plan_batch(12, 768, 1024, memory_gb=2, tokens_per_step=524288)
     with pytest.raises(ConfigError, match="not a multiple of block_size x GPUs = 1024"):
         plan_batch(12, 768, 1024, memory_gb=12, tokens_per_step=1000)
+
+
+# --- bounded, NaN-safe reading -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("5 * 8", 40), ("6e-4", 6e-4), ("'out-124m'", "out-124m"), ("out-124m", "out-124m"), ("True", True), ("-3", -3)],
+)
+def test_config_values_are_read_like_nanogpts_configurator(text, value):
+    assert config_value(text) == value
+
+
+@pytest.mark.parametrize("text", ['"x" * 99999999999', "[0] * 10**12", "10**10**10", "9" * 30 + " * " + "9" * 30])
+def test_config_values_never_build_what_a_crafted_line_asks(text):
+    value = config_value(text)
+    assert isinstance(value, str) and len(value) <= 200
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(run_summary())), st.one_of(st.floats(), st.integers(), st.text())))
+def test_any_summary_values_leave_the_checks_standing(changes):
+    summary = run_summary()
+    rows = metric_rows(summary, eval_every=300)
+    findings = diagnose(RunRecord(sanitized({**summary, **changes}), rows))
+    assert all(f.title and "\n" not in f.title + f.evidence + f.fix for f in findings)

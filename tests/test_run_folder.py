@@ -1,8 +1,13 @@
-"""Reading a run folder: the metric names of older runs, and steps logged twice around a resume."""
+"""Reading a run folder (old metric names, steps logged twice, NaN) and writing into one safely."""
 
 import csv
+import math
+import os
 
-from fineweb_gpt.run_folder import read_metrics
+import pytest
+
+from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.run_folder import final_checkpoint, quoted, read_metrics, write_inside
 
 
 def write_csv(path, header, rows):
@@ -36,3 +41,45 @@ def test_steps_trained_again_after_a_resume_are_read_once_the_resumed_runs(tmp_p
         (5, 5.1, None),
         (6, 4.1, None),
     ]
+
+
+def test_nan_losses_are_kept_and_a_step_that_is_no_number_is_dropped(tmp_path):
+    path = tmp_path / "metrics.csv"
+    write_csv(path, ["step", "train/loss", "val/loss"], [[1, "nan", ""], ["inf", 5.0, ""], [2, "", "-inf"], [3, 4.0]])
+    rows = read_metrics(path)
+    assert math.isnan(rows[0]["train/loss"]) and rows[2]["val/loss"] == -math.inf
+    assert rows[1] == {"train/loss": 5.0} and rows[3] == {"step": 3, "train/loss": 4.0}
+
+
+def test_reports_are_written_whole_and_never_through_a_link(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    write_inside(folder, "REPORT.md", "first\n")
+    write_inside(folder, "REPORT.md", "second\n")
+    assert (folder / "REPORT.md").read_text() == "second\n" and sorted(os.listdir(folder)) == ["REPORT.md"]
+    outside = tmp_path / "bashrc"
+    outside.write_text("mine\n")
+    (folder / "REPORT.png").symlink_to(outside)
+    with pytest.raises(ConfigError, match="is a link"):
+        write_inside(folder, "REPORT.png", b"png")
+    for name in ("../escape.md", "sub/REPORT.md", ".."):
+        with pytest.raises(ConfigError, match="is not a file name"):
+            write_inside(folder, name, "x")
+    assert outside.read_text() == "mine\n" and not (tmp_path / "escape.md").exists()
+
+
+def test_quoted_text_is_one_inert_line():
+    text = quoted("a\nb\r`c` | [d](e) <f>\x1b[31m")
+    assert text == "`a b 'c' \\| [d](e) <f> [31m`"
+
+
+def test_final_checkpoint_names_what_last_ckpt_links_to_without_following_it_outside(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert final_checkpoint(run) == "none"
+    (run / "checkpoints" / "step000003.ckpt").write_bytes(b"x")
+    (run / "checkpoints" / "last.ckpt").symlink_to("step000003.ckpt")
+    assert final_checkpoint(run) == os.path.join("checkpoints", "step000003.ckpt")
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (run / "checkpoints" / "last.ckpt").symlink_to(tmp_path / "elsewhere.ckpt")
+    assert final_checkpoint(run).startswith("none (last.ckpt points outside the run folder")

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,8 @@ def test_two_by_two_multirun_writes_a_table_from_each_runs_own_logs(tmp_path):
         assert int(row["params"]) == summary["num_params"]
         assert float(row["final_val_loss"]) == last(run_dir, "val/loss")
         assert int(row["tokens_seen"]) == last(run_dir, "data/tokens_seen") == 3 * 256
+        link = run_dir / "checkpoints" / "last.ckpt"
+        assert row["final_checkpoint"] == str((link.parent / os.readlink(link)).relative_to(run_dir))
     finals = [float(r["final_val_loss"]) for r in rows]
     assert finals == sorted(finals)  # best first
     markdown = (sweep_dir / "sweep_results.md").read_text()
@@ -69,6 +72,55 @@ def test_an_invalid_combination_fails_alone_and_is_reported_by_name(tmp_path):
 def test_sweep_table_command_refuses_a_folder_without_runs(tmp_path, capsys):
     assert sweep_main([str(tmp_path)]) == 2
     assert "holds no sweep runs" in capsys.readouterr().err
+
+
+def fake_run(sweep_dir: Path, name: str, overrides: list[str], result: dict, val_losses=(), checkpoint=None) -> Path:
+    """A run folder as a sweep leaves it, written by hand: no training needed to test the table."""
+    run_dir = sweep_dir / name
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))  # JSON is YAML
+    (run_dir / "result.json").write_text(json.dumps(result))
+    (run_dir / "csv").mkdir()
+    rows = [f"{step},{loss}" for step, loss in enumerate(val_losses, 1)]
+    (run_dir / "csv" / "metrics.csv").write_text("step,val/loss\n" + "\n".join(rows) + "\n")
+    if checkpoint:
+        (run_dir / "checkpoints").mkdir()
+        (run_dir / "checkpoints" / checkpoint).write_bytes(b"weights")
+        (run_dir / "checkpoints" / "last.ckpt").symlink_to(checkpoint)
+    return run_dir
+
+
+def test_the_table_says_where_each_final_checkpoint_is_and_sorts_nan_last(tmp_path):
+    fake_run(tmp_path, "0", ["optim.lr=1"], {"status": "completed"}, [6.0, "nan"], "step000002.ckpt")
+    fake_run(tmp_path, "1", ["optim.lr=2"], {"status": "completed"}, [6.0, 5.0])
+    assert sweep_main([str(tmp_path)]) == 0
+    rows = read_table(tmp_path)
+    assert [(r["run"], r["final_checkpoint"]) for r in rows] == [("1", "none"), ("0", "checkpoints/step000002.ckpt")]
+    assert rows[1]["best_val_loss"] == "6.0"  # the lowest finite one
+
+
+def test_links_planted_where_the_table_goes_are_refused_and_their_targets_untouched(tmp_path, capsys):
+    fake_run(tmp_path, "0", ["optim.lr=1"], {"status": "completed"}, [5.0])
+    outside = tmp_path.parent / f"{tmp_path.name}-startup.pth"
+    outside.write_text("precious\n")
+    (tmp_path / "sweep_results.csv").symlink_to(outside)
+    with pytest.raises(SystemExit) as stopped:
+        sweep_main([str(tmp_path)])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{tmp_path / 'sweep_results.csv'} is a link" in error
+    assert outside.read_text() == "precious\n" and not (tmp_path / "sweep_results.md").exists()
+
+
+def test_what_run_folders_say_is_quoted_and_cannot_add_rows_or_markup(tmp_path):
+    evil = "model.n_embd=32|x\n| injected | row |"
+    fake_run(tmp_path, "0", [evil, "seed=1"], {"status": "failed\n# heading", "error": "boom\n<img src=x>"}, [5.0])
+    fake_run(tmp_path, "1", ["model.n_embd=64", "seed=2"], {"status": "completed"}, [4.0])
+    assert sweep_main([str(tmp_path)]) == 1
+    lines = (tmp_path / "sweep_results.md").read_text().splitlines()
+    assert len(lines) == 4 and all(line.startswith("| ") and line.endswith(" |") for line in lines[2:])
+    assert "`model.n_embd=32\\|x \\| injected \\| row \\| seed=1`" in lines[3]
+    assert "| unknown |" in lines[3] and "`boom <img src=x>`" in lines[3]  # a status no run writes is not trusted
 
 
 def test_grid_preset_expands_to_the_documented_eight_runs_and_each_composes(make_config):

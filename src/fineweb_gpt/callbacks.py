@@ -10,8 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from fineweb_gpt.doctor.health import RunHealth
 from fineweb_gpt.flops import human_count, human_ratio, model_flops_utilization, size_mismatch
-from fineweb_gpt.health import RunHealth
 from fineweb_gpt.optimization import learning_rates
 
 log = logging.getLogger("fineweb_gpt")

@@ -1,58 +1,92 @@
 """The table of a sweep: one row per run, best final val loss first.
 
 Hydra calls SweepTable when a multirun ends; `python -m fineweb_gpt.sweep SWEEP_DIR` rebuilds
-the same table later from the folder alone. Each row comes from that run's own files:
-.hydra/overrides.yaml (the combination), run_summary.json (the real parameter count),
-csv/metrics.csv (tokens seen, val losses, MFU) and result.json (finished or failed, and why).
+the same table later from the folder alone. Each row comes from that run's own files, read
+through run_folder: .hydra/overrides.yaml (the combination), run_summary.json (the real
+parameter count), csv/metrics.csv (tokens seen, val losses, MFU), result.json (finished or
+failed, and why) and checkpoints/last.ckpt (where its final checkpoint is). Run folders are
+not trusted: what they say is quoted, and the table is written with run_folder.write_inside.
 """
 
 import argparse
 import csv
-import json
+import io
 import logging
 import math
 import statistics
 import sys
 from pathlib import Path
 
-import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from fineweb_gpt.errors import ConfigError, exit_with
 from fineweb_gpt.flops import human_count
-from fineweb_gpt.run_folder import read_metrics
+from fineweb_gpt.run_folder import (
+    METRICS_FILE,
+    RESULT_FILE,
+    SUMMARY_FILE,
+    check_target,
+    final_checkpoint,
+    one_line_text,
+    quoted,
+    read_json,
+    read_metrics,
+    read_overrides,
+    write_inside,
+)
 
 log = logging.getLogger("fineweb_gpt")
-COLUMNS = ["run", "overrides", "status", "params", "tokens_seen", "final_val_loss", "best_val_loss", "mfu", "error"]
+COLUMNS = [
+    "run",
+    "overrides",
+    "status",
+    "params",
+    "tokens_seen",
+    "final_val_loss",
+    "best_val_loss",
+    "mfu",
+    "final_checkpoint",
+    "error",
+]
+HEADER = ["run", "overrides", "status", "params", "tokens seen", "final val loss", "best val loss", "MFU"]
+HEADER += ["final checkpoint", "error"]
+STATUSES = ("completed", "failed", "stopped", "not finished")  # what train.py writes into result.json
 
 
-def read_overrides(run_dir: Path) -> list[str]:
-    return yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+def finite_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_run(run_dir: Path, shown: set[str]) -> dict:
     """One sweep point's row, from its run folder; `shown`: the override keys that vary in the sweep."""
     overrides = [o for o in read_overrides(run_dir) if o.split("=", 1)[0] in shown]
     row = {"run": run_dir.name, "overrides": " ".join(overrides), "status": "not finished", "error": ""}
-    result_file = run_dir / "result.json"
-    if result_file.is_file():
-        result = json.loads(result_file.read_text())
-        row.update(status=result["status"], error=result.get("error", ""))
-    summary_file = run_dir / "run_summary.json"
-    if summary_file.is_file():
-        row["params"] = json.loads(summary_file.read_text())["num_params"]
-    metrics_file = run_dir / "csv" / "metrics.csv"
-    if metrics_file.is_file():
-        rows = read_metrics(metrics_file)
-        val = [r["val/loss"] for r in rows if "val/loss" in r]
-        tokens = [int(r["data/tokens_seen"]) for r in rows if "data/tokens_seen" in r]
-        mfu = [r["perf/mfu"] for r in rows if "perf/mfu" in r]
-        if val:
-            row.update(final_val_loss=val[-1], best_val_loss=min(val))
-        if tokens:
-            row["tokens_seen"] = max(tokens)
-        if mfu:
-            row["mfu"] = statistics.median(mfu)
+    row["final_checkpoint"] = final_checkpoint(run_dir)
+    try:
+        if (run_dir / RESULT_FILE).is_file():
+            result = read_json(run_dir / RESULT_FILE)
+            status = result.get("status")
+            row.update(status=status if status in STATUSES else "unknown", error=str(result.get("error", "")))
+        if (run_dir / SUMMARY_FILE).is_file():
+            params = read_json(run_dir / SUMMARY_FILE).get("num_params")
+            if finite_number(params):
+                row["params"] = params
+        if (run_dir / METRICS_FILE).is_file():
+            rows = read_metrics(run_dir / METRICS_FILE)
+            val = [r["val/loss"] for r in rows if "val/loss" in r]
+            tokens = [r["data/tokens_seen"] for r in rows if finite_number(r.get("data/tokens_seen"))]
+            mfu = [r["perf/mfu"] for r in rows if finite_number(r.get("perf/mfu"))]
+            if val:  # a NaN final loss is the run's result; the best is the lowest finite one
+                row["final_val_loss"] = val[-1]
+                if finite := [v for v in val if math.isfinite(v)]:
+                    row["best_val_loss"] = min(finite)
+            if tokens:
+                row["tokens_seen"] = int(max(tokens))
+            if mfu:
+                row["mfu"] = statistics.median(mfu)
+    except (ConfigError, OSError, UnicodeDecodeError, csv.Error) as err:
+        row["error"] = f"{row['error']} (its files cannot be read: {err})".strip()
     return row
 
 
@@ -67,7 +101,12 @@ def collect(sweep_dir: Path) -> list[dict]:
             values.setdefault(key, set()).add(value)
     varying = {key for key, seen in values.items() if len(seen) > 1} or set(values)
     rows = [read_run(run, varying) for run in runs]
-    return sorted(rows, key=lambda r: (r["status"] != "completed", r.get("final_val_loss", math.inf)))
+
+    def order(row: dict) -> tuple:
+        final = row.get("final_val_loss")
+        return row["status"] != "completed", final if finite_number(final) else math.inf
+
+    return sorted(rows, key=order)
 
 
 def as_markdown(rows: list[dict]) -> str:
@@ -81,27 +120,35 @@ def as_markdown(rows: list[dict]) -> str:
             return f"{value:.1%}"
         if isinstance(value, float):
             return f"{value:.4f}"
-        return str(value).replace("|", "\\|")
+        if key == "status":
+            return value  # one of STATUSES
+        return quoted(value, 300)  # names, overrides, paths and errors come from the run folders
 
-    header = ["run", "overrides", "status", "params", "tokens seen", "final val loss", "best val loss", "MFU", "error"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(cell(row, key) for key in COLUMNS) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def as_csv(rows: list[dict]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: one_line_text(v, 2000) if isinstance(v, str) else v for k, v in r.items()} for r in rows])
+    return text.getvalue()
 
 
 def write_table(sweep_dir: Path) -> list[dict]:
     """Write sweep_results.md and sweep_results.csv into the sweep folder, print the table."""
     rows = collect(sweep_dir)
     markdown = as_markdown(rows)
-    (Path(sweep_dir) / "sweep_results.md").write_text(markdown)
-    with open(Path(sweep_dir) / "sweep_results.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    for name in ("sweep_results.md", "sweep_results.csv"):  # refuse before writing either
+        check_target(Path(sweep_dir), name)
+    write_inside(Path(sweep_dir), "sweep_results.md", markdown)
+    write_inside(Path(sweep_dir), "sweep_results.csv", as_csv(rows))
     print(f"\nSweep {sweep_dir}: {len(rows)} runs, best first\n\n{markdown}", flush=True)
     failed = [row for row in rows if row["status"] != "completed"]
     for row in failed:
-        log.error("Run %s (%s) %s: %s", row["run"], row["overrides"], row["status"], row["error"])
+        log.error("Run %s (%s) %s: %s", *(one_line_text(row[key]) for key in ("run", "overrides", "status", "error")))
     return rows
 
 
@@ -109,7 +156,11 @@ class SweepTable(Callback):
     """Hydra callback: the table when a multirun ends; a failed run makes the exit status 1."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        rows = write_table(Path(config.hydra.sweep.dir))
+        try:
+            rows = write_table(Path(config.hydra.sweep.dir))
+        except ConfigError as err:  # a planted link where the table goes: say so, touch nothing
+            log.error("Sweep table not written: %s", err)
+            sys.exit(1)
         if any(row["status"] != "completed" for row in rows):
             sys.exit(1)
 
@@ -121,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     if not any(args.sweep_dir.glob("*/.hydra/overrides.yaml")):
         print(f"error: {args.sweep_dir} holds no sweep runs (no */.hydra/overrides.yaml)", file=sys.stderr)
         return 2
-    rows = write_table(args.sweep_dir)
+    try:
+        rows = write_table(args.sweep_dir)
+    except ConfigError as err:
+        exit_with(err)
     return 0 if all(row["status"] == "completed" for row in rows) else 1
 
 

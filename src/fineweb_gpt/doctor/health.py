@@ -4,9 +4,11 @@ import logging
 
 from lightning.pytorch.utilities import rank_zero_only
 
-from fineweb_gpt.diagnose import Finding, RunRecord, diagnose
+from fineweb_gpt.doctor.checks import CHECKS, NOTES_ONLY, diagnose
+from fineweb_gpt.doctor.record import Finding, RunRecord, sanitized
 
 log = logging.getLogger("fineweb_gpt")
+PROBLEM_CHECKS = tuple(check for check in CHECKS if check not in NOTES_ONLY)
 
 
 class RunHealth:
@@ -15,11 +17,11 @@ class RunHealth:
     Give it the run summary (run_summary.json's keys) and feed it the metric rows as they
     are logged, per optimizer step and per evaluation, through observe(). callbacks.RunMonitor
     does both, checks once when training starts (size, planned tokens and epochs need no
-    metrics) and the checks run again whenever an observed row carries val/loss.
+    metrics), and the checks run again whenever an observed row carries val/loss.
     """
 
     def __init__(self, summary: dict, already_warned: set[str] | None = None):
-        self.run = RunRecord(dict(summary))
+        self.run = RunRecord(sanitized({"source": "fineweb_gpt", **summary}))
         self.warned: set[str] = set(already_warned or ())
 
     def observe(self, row: dict) -> list[Finding]:
@@ -29,7 +31,7 @@ class RunHealth:
 
     def check(self) -> list[Finding]:
         """Problems not warned about before; each is logged once."""
-        new = [f for f in diagnose(self.run) if f.problem and f.check not in self.warned]
+        new = [f for f in diagnose(self.run, PROBLEM_CHECKS) if f.problem and f.check not in self.warned]
         for finding in new:
             self.warned.add(finding.check)
             self._warn(finding)

@@ -1,0 +1,60 @@
+"""The report as markdown: the run's facts, then its problems, then the notes.
+
+Everything quoted from a run folder or log (names, paths, devices) goes through
+run_folder.quoted, so a crafted value cannot add lines, headings or links to the report.
+"""
+
+from urllib.parse import quote
+
+from fineweb_gpt.doctor.record import SOURCE_NAMES, Finding, RunRecord
+from fineweb_gpt.flops import human_count
+from fineweb_gpt.run_folder import quoted
+
+
+def describe_run(run: RunRecord) -> list[str]:
+    """The facts a report starts with, as markdown table rows."""
+    lines = [f"| source | {SOURCE_NAMES.get(run.source, run.source)} |"]
+    if run.num_params:
+        shape = ", ".join(f"{k}={run.get(k)}" for k in ("n_layer", "n_head", "n_embd", "block_size") if run.get(k))
+        name = quoted(run.get("model_name", "?"))
+        lines.append(f"| model | {name}: {human_count(run.num_params)} parameters{f' ({shape})' if shape else ''} |")
+    trained = f"{run.last_step:,} steps"
+    if run.knows_tokens:
+        trained += f", {human_count(run.tokens_seen)} tokens"
+    if run.get("tokens_per_step"):
+        trained += f" ({run.summary['tokens_per_step']:,} per step)"
+    lines.append(f"| trained | {trained} |")
+    if run.get("max_steps"):
+        lines.append(f"| plan | {run.summary['max_steps']:,} steps{run.plan_note()} |")
+    val = run.points("val/loss")
+    if val:
+        last, best = val[-1], min(val, key=lambda p: p.value)
+        lowest = f"lowest {best.value:.4f} at step {best.step:,}"
+        lines.append(f"| val loss | {last.value:.4f} at step {last.step:,} ({lowest}) |")
+    names = dict.fromkeys(str(run.get(key)) for key in ("hw_name", "device_name") if run.get(key))
+    hardware = " ".join(quoted(name, 80) for name in names)
+    if run.get("compile") is not None:
+        hardware += f"{', ' if hardware else ''}{'compiled' if run.get('compile') else 'not compiled'}"
+    if hardware:
+        lines.append(f"| hardware | {hardware} |")
+    return lines
+
+
+def render_finding(finding: Finding) -> list[str]:
+    lines = [f"### {finding.title}", "", finding.evidence + "."]
+    if finding.fix:
+        lines += ["", f"**{'Fix' if finding.problem else 'Next'}:** {finding.fix}."]
+    return lines + [""]
+
+
+def render_markdown(source: str, run: RunRecord, findings: list[Finding], plot_name: str) -> str:
+    problems = [f for f in findings if f.problem]
+    notes = [f for f in findings if not f.problem]
+    out = [f"# Run doctor: {quoted(source, 200)}", "", "| | |", "|---|---|", *describe_run(run), ""]
+    caption = f"train and val loss against {run.progress_unit}, learning rate on the right axis"
+    out += [f"![{caption}]({quote(plot_name)})", ""]
+    out += [f"## Problems ({len(problems)})" if problems else "## No problems found", ""]
+    out += [line for finding in problems for line in render_finding(finding)]
+    if notes:
+        out += ["## Notes", ""] + [line for finding in notes for line in render_finding(finding)]
+    return "\n".join(out)

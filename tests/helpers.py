@@ -40,9 +40,10 @@ def quiet_cpu_trainer(**kwargs) -> L.Trainer:
     return L.Trainer(accelerator="cpu", **quiet, **kwargs)
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m fineweb_gpt.train ARGS` the way a user does, offline. The tests folder is
-    on the path, so callbacks from this module can be added with +callbacks.<name>._target_=helpers.X."""
+def cli_env(env: dict | None = None) -> dict:
+    """The environment a test's command runs in: offline, unbuffered, the tests folder on the
+    path (so callbacks from this module can be added with +callbacks.<name>._target_=helpers.X).
+    An `env` value of None removes that variable."""
     pythonpath = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p)
     env = {
         **os.environ,
@@ -52,10 +53,15 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) 
         "PYTHONPATH": pythonpath,
         **(env or {}),
     }
+    return {key: value for key, value in env.items() if value is not None}
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m fineweb_gpt.train ARGS` the way a user does, in cli_env(env)."""
     return subprocess.run(
         [sys.executable, "-m", "fineweb_gpt.train", *args],
         cwd=cwd,
-        env=env,
+        env=cli_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,

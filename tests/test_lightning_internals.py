@@ -1,18 +1,17 @@
 """The private parts of Lightning this project relies on. pyproject.toml pins lightning to the
 range these were checked with; if an upgrade renames or removes one, this fails by name instead
-of the behaviour silently going away (a slower DDP loop, checkpoints saved mid-step, a CSV
-restarted on resume)."""
+of the behaviour silently going away (a slower DDP loop, checkpoints saved mid-step, W&B
+warnings back on every run)."""
 
 import inspect
 
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
 from fineweb_gpt.checkpointing import StepCheckpoint
-from fineweb_gpt.loggers import AppendingCSVLogger, _AppendingWriter
+from fineweb_gpt.loggers import WandbLogger
 
 # (class, private name, what fineweb_gpt does with it)
 USED = [
@@ -21,12 +20,10 @@ USED = [
     (ModelCheckpoint, "_save_last_checkpoint", "StepCheckpoint.save_now points last.ckpt at the save"),
     (ModelCheckpoint, "_monitor_candidates", "StepCheckpoint.save_now names the file"),
     (ModelCheckpoint, "_link_checkpoint", "StepCheckpoint replaces it with an atomic rename"),
-    (ExperimentWriter, "_check_log_dir_exists", "AppendingCSVLogger keeps a resumed run's rows"),
 ]
 # Overridden: our version must take what Lightning passes.
 OVERRIDDEN = [
     (ModelCheckpoint, StepCheckpoint, "_link_checkpoint"),
-    (ExperimentWriter, _AppendingWriter, "_check_log_dir_exists"),
 ]
 
 
@@ -47,9 +44,6 @@ def test_private_attributes_we_read_and_set_exist(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path)
     for attribute in ("_train_time_interval", "_last_global_step_saved"):
         assert hasattr(checkpoint, attribute), f"ModelCheckpoint.{attribute} is gone; StepCheckpoint uses it"
-    logger = AppendingCSVLogger(save_dir=tmp_path, name="csv", version="")
-    for attribute in ("_experiment", "_fs"):
-        assert hasattr(logger, attribute), f"CSVLogger.{attribute} is gone; AppendingCSVLogger uses it"
-    writer = logger.experiment
-    assert isinstance(writer, _AppendingWriter) and hasattr(writer, "metrics_keys")
-    assert issubclass(AppendingCSVLogger, CSVLogger)
+    logger = WandbLogger(project="p", save_dir=tmp_path, mode="offline")
+    assert isinstance(logger._wandb_init, dict), "WandbLogger._wandb_init is gone; our WandbLogger edits it"
+    assert "anonymous" not in logger._wandb_init and "anonymous" in LightningWandbLogger()._wandb_init

@@ -1,7 +1,6 @@
 import csv
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -189,51 +188,6 @@ def test_step_time_excludes_a_slow_validation(make_config):
     assert len(step_ms) == 4 and max(step_ms) < min(val_ms) / 2  # ...and no step absorbed one
 
 
-def test_wandb_offline_run_keeps_metrics_and_resumes_the_same_run(make_config, tmp_path):
-    def run(max_steps, ckpt_path=None):
-        cfg = make_config(
-            *SMALL,
-            f"trainer.max_steps={max_steps}",
-            "val_every_steps=2",
-            "logger=[csv,wandb]",
-            "logger.offline=true",
-            f"ckpt_path={ckpt_path}" if ckpt_path else "ckpt_path=null",
-        )
-        cfg.run_dir = str(tmp_path / f"run{max_steps}")
-        train(cfg)
-        return Path(cfg.run_dir)
-
-    first = run(4)
-    [wandb_run] = first.glob("wandb/offline-run-*")
-    run_file = next(wandb_run.glob("run-*.wandb"))
-    for _ in range(30):  # W&B's service process may still be writing on a busy machine
-        if run_file.stat().st_size > 1000:
-            break
-        time.sleep(0.5)
-    data = run_file.read_bytes()
-    final_val = column(read_metrics(first), "val/loss")[-1]
-    for key in (
-        "train/loss",
-        "val/loss",
-        "perf/tokens_per_sec",
-        "perf/step_time_ms",
-        "data/tokens_seen",
-        "train/grad_norm",
-        "train/lr",
-    ):
-        assert key.encode() in data
-    assert repr(final_val).encode() in data  # the value itself, as W&B stores it
-    run_id = wandb_run.name.rsplit("-", 1)[-1]
-
-    import torch
-
-    checkpoint = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["wandb_run_id"] == run_id
-    resumed = run(6, ckpt_path=first / "checkpoints" / "last.ckpt")
-    [resumed_run] = resumed.glob("wandb/offline-run-*")
-    assert resumed_run.name.endswith(run_id)
-
-
 @pytest.mark.slow
 def test_two_ranks_keep_the_global_batch_count_tokens_exactly_and_never_wait_mid_step(tmp_path):
     record, waits = tmp_path / "batches", tmp_path / "waits"
@@ -290,3 +244,4 @@ def test_health_problems_are_warned_once_in_the_log_and_the_logger(make_config, 
     assert len(repeated) == 1  # warned once, not at every evaluation
     flagged = [r for r in read_metrics(cfg.run_dir) if r.get("health/epochs")]
     assert len(flagged) == 1 and int(flagged[0]["step"]) == 0
+    assert flagged[0]["data/tokens_seen"] == "0"  # on the tokens axis too, as every row

@@ -1,50 +1,193 @@
-"""The loggers a run writes to: CSV (kept across resumes), Weights & Biases (never waits for a login)."""
+"""The loggers a run writes to: its own CSV record (always), TensorBoard and Weights & Biases
+(never waiting for a login, plotting against tokens seen)."""
 
 import csv
 import logging
 import os
+import tempfile
+from pathlib import Path
 
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from fineweb_gpt.run_folder import METRICS_FILE, check_target
+
 log = logging.getLogger("fineweb_gpt")
+TOKENS_SEEN = "data/tokens_seen"  # the x-axis W&B plots every metric against
 
 
-class _AppendingWriter(ExperimentWriter):
-    def _check_log_dir_exists(self) -> None:
-        # Lightning deletes the metrics file of a reused folder; continue it under its header instead.
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as file:
-                self.metrics_keys = next(csv.reader(file), [])
+class AppendingCSVLogger(Logger):
+    """csv/metrics.csv, the run's own record (the doctor and the sweep table read it): a row per
+    log_metrics call, under a header of every column logged so far.
 
+    Lightning's CSVLogger rewrites the file in place when a column appears (a kill or a full
+    disk at that moment leaves it empty) and deletes a reused folder's file. Here rows are only
+    appended; a new column, or the first write of a resumed run, replaces the file atomically.
+    A run resuming from step S first drops the rows logged after S (those steps are trained
+    again), so each step is in the file once; a fresh run in the same folder starts a new file.
+    """
 
-class AppendingCSVLogger(CSVLogger):
-    """CSVLogger that keeps a resumed run's earlier rows: metrics.csv grows instead of restarting."""
+    def __init__(self, save_dir: str, name: str = "csv", resume_step: int | None = None, flush_logs_every_n_steps=1):
+        super().__init__()
+        self._save_dir, self._name = str(save_dir), name
+        self.resume_step = resume_step  # None: a fresh run
+        self.flush_every = max(1, int(flush_logs_every_n_steps))
+        self.columns: list[str] | None = None  # the file's header, once this run has written to it
+        self.pending: list[dict] = []
 
     @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(self._save_dir, self._name)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.log_dir) / METRICS_FILE.name
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        """Nothing: the config is in .hydra/config.yaml and the run's summary in run_summary.json."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        values = {key: value.item() if hasattr(value, "item") else value for key, value in metrics.items()}
+        self.pending.append({"step": step, **values})
+        if len(self.pending) >= self.flush_every:
+            self.save()
+
+    @rank_zero_only
+    def save(self) -> None:
+        if not self.pending:
+            return
+        new = sorted({key for row in self.pending for key in row} - set(self.columns or ()))
+        if self.columns is None:
+            self.start()
+        elif new:
+            self.rewrite(self.columns + new)
+        else:
+            with open(self.path, "a", newline="") as file:
+                csv.DictWriter(file, fieldnames=self.columns).writerows(self.pending)
+        self.pending = []
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
+
+    def start(self) -> None:
+        """This run's first write: the file's rows up to the resumed step (none for a fresh run),
+        its columns and the new ones, then the new rows, replacing the file at once."""
+        folder = Path(self.log_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        check_target(folder, self.path.name)  # never write through a planted link
+        for stale in folder.glob(f".{self.path.name}.*.tmp"):
+            stale.unlink()  # left by a kill during an earlier replacement
+        resuming = self.resume_step is not None
+        header = (read_header(self.path) if resuming else []) or ["step"]
+        new = sorted({key for row in self.pending for key in row} - set(header))
+        self.rewrite(header + new, keep_up_to=self.resume_step if resuming else float("-inf"))
+
+    def rewrite(self, columns: list[str], keep_up_to: float = float("inf")) -> None:
+        """Replace the file with its rows up to step `keep_up_to` under `columns`, then the
+        pending rows: written beside it, flushed to disk, renamed over it. A kill or a full disk
+        at any moment leaves the old file or the new one, whole."""
+        descriptor, temporary = tempfile.mkstemp(dir=self.log_dir, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(descriptor, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(row for row in read_rows(self.path) if row_step(row) <= keep_up_to)
+                writer.writerows(self.pending)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, self.path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
+        self.columns = columns
 
 
-def wandb_settings(node: DictConfig, run_dir: str, resume_run_id: str | None, sweep: tuple[str, str] | None) -> dict:
+def read_header(path: Path) -> list[str]:
+    """The CSV file's columns ([] without a file)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as file:
+        return next(csv.reader(file), [])
+
+
+def read_rows(path: Path):
+    """The file's rows, less a last line cut short by a kill (it lacks its line end)."""
+    if not path.is_file():
+        return
+    with open(path, "rb") as file:
+        file.seek(max(0, file.seek(0, os.SEEK_END) - 1))
+        whole = file.read(1) in (b"\n", b"")
+    with open(path, newline="") as file:
+        previous = None
+        for row in csv.DictReader(file):
+            if previous is not None:
+                yield previous
+            previous = row
+        if previous is not None and whole:
+            yield previous
+
+
+def row_step(row: dict) -> float:
+    """A row's step; a row without one (a damaged line) counts as past any step."""
+    try:
+        return float(row.get("step"))
+    except (TypeError, ValueError):
+        return float("inf")
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger, with every metric plotted against data/tokens_seen (so runs with
+    different batch sizes line up in one chart), and without the two warnings W&B prints for
+    the arguments Lightning passes (`anonymous=None`; offline by changing WANDB_MODE: give
+    `mode="offline"` instead)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+        self.on_tokens_axis: set[str] = set()
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        new = [key for key in metrics if key not in self.on_tokens_axis and key != TOKENS_SEEN]
+        for key in new:  # W&B wants a metric's axis before the metric's first value
+            self.experiment.define_metric(key, step_metric=TOKENS_SEEN)
+        self.on_tokens_axis.update(new)
+        super().log_metrics(metrics, step)
+
+
+def wandb_settings(node: DictConfig, offline: bool, run_dir: str, resume_run_id: str | None, sweep) -> dict:
     """Arguments for WandbLogger beyond its config: offline without a login, the resumed run's id,
     and, in a sweep, one W&B run per sweep point grouped by the sweep (sweep = (group, name))."""
     import wandb
 
     extra = {}
-    offline = node.offline or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+    offline = offline or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
     if not offline and not wandb.login(prompt=False, verify=False):
         log.warning("No W&B login found: logging offline; upload later with `wandb sync %s/wandb`", run_dir)
         offline = True
-    if offline:  # as an argument: wandb's settings may have been read before WANDB_MODE is set
-        extra.update(offline=True, mode="offline")
+    if offline:  # as wandb.init's mode: Lightning's offline=True sets WANDB_MODE after W&B read it (a warning)
+        extra.update(offline=False, mode="offline")
     if resume_run_id:
         extra["id"] = resume_run_id
     if sweep:
@@ -54,14 +197,25 @@ def wandb_settings(node: DictConfig, run_dir: str, resume_run_id: str | None, sw
     return extra
 
 
-def build_loggers(logger_config: DictConfig | None, run_dir: str, resume_run_id: str | None, sweep=None) -> list:
-    """The Lightning loggers of the `logger` config group (csv, wandb or both)."""
+def build_loggers(logger_config: DictConfig | None, run_dir: str, resumed_from: dict | None, sweep=None) -> list:
+    """The loggers of the `logger` config group (csv, tensorboard, wandb, any of them), and the
+    CSV record whatever they are: the doctor and the sweep table read it. `resumed_from` is the
+    checkpoint a resumed run starts from."""
+    logger_config = logger_config or DictConfig({})
+    resume_step = resumed_from["global_step"] if resumed_from else None
     loggers = []
-    for node in (logger_config or {}).values():
+    for node in logger_config.values():
         if not isinstance(node, DictConfig) or "_target_" not in node:
             continue  # plain settings such as logger.offline
-        extra = wandb_settings(node, run_dir, resume_run_id, sweep) if node._target_.endswith("WandbLogger") else {}
+        extra = {}
+        if node._target_ == f"{__name__}.WandbLogger":
+            offline = bool(logger_config.get("offline") or node.get("offline"))
+            extra = wandb_settings(node, offline, run_dir, wandb_run_id(resumed_from), sweep)
+        elif node._target_ == f"{__name__}.AppendingCSVLogger":
+            extra = {"resume_step": resume_step}
         loggers.append(instantiate(node, **extra))
+    if not any(isinstance(logger, AppendingCSVLogger) for logger in loggers):
+        loggers.insert(0, AppendingCSVLogger(run_dir, resume_step=resume_step))
     return loggers
 
 
@@ -73,5 +227,5 @@ def wandb_run_id(checkpoint: dict | None) -> str | None:
 def finish_wandb_run(trainer) -> None:
     """Close this job's W&B run: the next job of a sweep in this process starts its own."""
     for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+        if isinstance(logger, LightningWandbLogger) and trainer.is_global_zero:
             logger.experiment.finish()

@@ -1,4 +1,4 @@
-"""Lightning callbacks: what users watch, measured per optimizer step, and a progress bar in steps."""
+"""RunMonitor: what users watch, measured per optimizer step, and the run summary at start."""
 
 import json
 import logging
@@ -8,18 +8,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 
+from fineweb_gpt.console import format_duration
 from fineweb_gpt.doctor.health import RunHealth
 from fineweb_gpt.flops import human_count, human_ratio, model_flops_utilization, size_mismatch
 from fineweb_gpt.optimization import learning_rates
 
 log = logging.getLogger("fineweb_gpt")
-
-
-def format_duration(seconds: float) -> str:
-    minutes = int(seconds // 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{int(seconds % 60):02d}s"
 
 
 class RunMonitor(L.Callback):
@@ -31,13 +26,22 @@ class RunMonitor(L.Callback):
     (the mean of all its micro-batches and ranks), lr, grad_norm, tokens_seen,
     tokens_per_sec, step_time_ms (training work only: evaluations and checkpoints happen
     between steps and are timed apart), mfu against hw.peak_flops, epoch (a fraction) and
-    tokens_per_param; and per evaluation val/loss, val/ppl and val/time_ms. At the first
-    setup it prints the run's summary, writes it to run_summary.json and gives it to the
-    loggers.
+    tokens_per_param; and per evaluation val/loss, val/ppl and val/time_ms. Every row carries
+    data/tokens_seen, the x-axis that lines up runs with different batch sizes. At the first
+    setup it prints the run's summary, writes it to run_summary.json and gives it, with the
+    run's config, to the loggers: once.
     """
 
-    def __init__(self, plan: dict, run_dir: str | None = None, log_every_n_steps: int = 1, check_health: bool = True):
+    def __init__(
+        self,
+        plan: dict,
+        run_dir: str | None = None,
+        log_every_n_steps: int = 1,
+        check_health: bool = True,
+        config: dict | None = None,
+    ):
         self.plan = plan  # static facts of the run, worked out by train.py
+        self.config = config  # the resolved config, for the loggers
         self.run_dir = Path(run_dir) if run_dir else None
         self.log_every_n_steps = max(1, log_every_n_steps)
         self.check_health = check_health
@@ -103,7 +107,7 @@ class RunMonitor(L.Callback):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "run_summary.json").write_text(json.dumps(s, indent=2) + "\n")
         for logger in trainer.loggers:
-            logger.log_hyperparams({"run": s})
+            logger.log_hyperparams({"config": self.config or {}, "run": s})
         mismatch = size_mismatch(s["model_name"], s["num_params"])
         if mismatch:  # the commonest silent mistake gets a banner
             log.warning("\n%s\n!!! %s\n%s", "!" * 100, mismatch, "!" * 100)
@@ -115,6 +119,13 @@ class RunMonitor(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.last_step = trainer.global_step  # a resumed run starts part way
         self.micro_tokens, self.step_started = 0, None
+        if trainer.global_step > 0:
+            log.info(
+                "Resumed at step %d of %d, %s tokens seen",
+                trainer.global_step,
+                trainer.max_steps,
+                human_count(self.tokens_seen),
+            )
         if self.health:
             self.record_health(trainer, self.health.check(), trainer.global_step)
 
@@ -206,12 +217,12 @@ class RunMonitor(L.Callback):
         if self.health:
             self.record_health(trainer, self.health.observe({"step": step, **metrics}), step)
 
-    @staticmethod
-    def record_health(trainer: L.Trainer, findings: list, step: int) -> None:
+    def record_health(self, trainer: L.Trainer, findings: list, step: int) -> None:
         """A problem the doctor would report also lands in the loggers, at the step it appeared."""
         if findings:
+            row = {f"health/{finding.check}": 1.0 for finding in findings}
             for logger in trainer.loggers:
-                logger.log_metrics({f"health/{finding.check}": 1.0 for finding in findings}, step=step)
+                logger.log_metrics({**row, "data/tokens_seen": self.tokens_seen}, step=step)
 
     # --- evaluations ----------------------------------------------------------------------
 
@@ -267,23 +278,3 @@ class RunMonitor(L.Callback):
         self.tokens_seen = state_dict["tokens_seen"]
         self.train_seconds = state_dict["train_seconds"]
         self.timed_steps = state_dict["timed_steps"]
-
-
-class StepProgressBar(TQDMProgressBar):
-    """Counts optimizer steps out of max_steps; Lightning's counts micro-batches of an endless epoch."""
-
-    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
-        super().on_train_epoch_start(trainer)
-        self.train_progress_bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
-        self.train_progress_bar.n = trainer.global_step  # a resumed run starts part way
-        self.train_progress_bar.set_description("Training steps")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.train_progress_bar.n != trainer.global_step:
-            self.train_progress_bar.n = trainer.global_step
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
-
-    def get_metrics(self, trainer, pl_module) -> dict:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return metrics

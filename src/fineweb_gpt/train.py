@@ -11,23 +11,21 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from fineweb_gpt.callbacks import RunMonitor, StepProgressBar
+from fineweb_gpt.callbacks import RunMonitor
 from fineweb_gpt.checkpointing import RunStopped, read_checkpoint, resume_checkpoint
 from fineweb_gpt.config_files import config_dir, hydra_choices, in_multirun, sweep_names
+from fineweb_gpt.console import StepProgressBar, route_warnings_to_log
 from fineweb_gpt.errors import ConfigError, exit_with, one_line
 from fineweb_gpt.flops import human_count
 from fineweb_gpt.lit_module import GPTLightningModule
-from fineweb_gpt.loggers import build_loggers, finish_wandb_run, wandb_run_id
+from fineweb_gpt.loggers import build_loggers, finish_wandb_run
 from fineweb_gpt.model import GPTConfig
 from fineweb_gpt.plan import check_config, gradient_accumulation, out_of_memory_error, run_plan, world_size_of
 from fineweb_gpt.run_folder import write_result
 
 log = logging.getLogger("fineweb_gpt")
-# Every DDP process runs this script; only the first one reports.
-log.addFilter(lambda record: rank_zero_only.rank == 0)
 
 
 def build(node: DictConfig, **kwargs):
@@ -65,10 +63,12 @@ def train(cfg: DictConfig) -> float | None:
     num_params = module.model.num_params()
     plan = run_plan(cfg, model_config, num_params, choices, world_size, accumulation)
 
-    monitor = RunMonitor(plan, run_dir=cfg.run_dir, log_every_n_steps=cfg.trainer.log_every_n_steps or 1)
-    callbacks = [monitor, StepProgressBar()] + [build(c) for c in (cfg.get("callbacks") or {}).values()]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    monitor = RunMonitor(plan, run_dir=cfg.run_dir, log_every_n_steps=cfg.trainer.log_every_n_steps or 1, config=config)
+    progress = [StepProgressBar()] if cfg.trainer.enable_progress_bar is not False else []
+    callbacks = [monitor, *progress] + [build(c) for c in (cfg.get("callbacks") or {}).values()]
     resumed_from = read_checkpoint(ckpt_path) if ckpt_path else None
-    loggers = build_loggers(cfg.get("logger"), cfg.run_dir, wandb_run_id(resumed_from), sweep_names())
+    loggers = build_loggers(cfg.get("logger"), cfg.run_dir, resumed_from, sweep_names())
     trainer: L.Trainer = build(
         cfg.trainer,
         precision=plan["precision"],
@@ -85,8 +85,6 @@ def train(cfg: DictConfig) -> float | None:
             f"trainer.devices={cfg.trainer.devices} gave {trainer.world_size} processes, not the {world_size} "
             "the batch was planned for; give trainer.devices as a number"
         )
-    for logger in trainer.loggers:
-        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
     datamodule = build(cfg.data, micro_batch_size=micro_batch_size)
 
     try:
@@ -121,6 +119,7 @@ def report(trainer: L.Trainer, monitor: RunMonitor, run_dir: str) -> float | Non
 def main(cfg: DictConfig) -> float | None:
     """One run; in a sweep, a failed run is reported and the sweep goes on (its value is NaN,
     which optimising sweepers count as a failed trial)."""
+    route_warnings_to_log()
     try:
         final_val_loss = train(cfg)
         write_result(cfg.run_dir, "completed", final_val_loss=final_val_loss)

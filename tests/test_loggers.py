@@ -57,7 +57,8 @@ def write_then_fail(tmp_path: Path, writer: str, failure: str) -> subprocess.Com
 
 
 def test_lightnings_csv_writer_empties_the_file_when_a_column_appears_and_the_disk_is_full(tmp_path):
-    # Why the project has its own writer: Lightning's rewrites metrics.csv in place.
+    # Why the project has its own writer: Lightning's rewrites metrics.csv in place. (Should this
+    # fail one day, Lightning writes safely and AppendingCSVLogger's rewrite may go.)
     result = write_then_fail(tmp_path, "lightning", "kill")
     assert result.returncode == -signal.SIGXFSZ
     assert len((tmp_path / "before.csv").read_text().splitlines()) == 1 + ROWS

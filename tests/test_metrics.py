@@ -1,6 +1,7 @@
 import csv
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -215,7 +216,11 @@ def test_two_ranks_keep_the_global_batch_count_tokens_exactly_and_never_wait_mid
     seen = column(rows, "data/tokens_seen")
     assert seen[-1] == sum(tokens for *_, tokens, _ in micro) == 4 * 512
     assert len({digest for _, digest, _, _ in micro}) == 16  # each rank trains on different data
-    assert (result.stdout + result.stderr).count("Run summary") == 1  # rank 0 only
+    output = result.stdout + result.stderr
+    assert output.count("Run summary") == 1  # rank 0 only: its summary, progress lines, no warnings
+    assert re.findall(r"\] - step (\d)/4 \(", output) == ["1", "2", "3", "4"]
+    warned = [line.split("] - ", 1)[1] for line in output.splitlines() if "][WARNING] - " in line]
+    assert len(warned) == len(set(warned))  # no warning twice, from a second rank
     # Between a step's micro-batches no rank talks to the other (Lightning's SIGTERM flag and its
     # time-based checkpoint check would, each micro-batch): the ranks' GPUs never wait mid-step.
     assert [int((tmp_path / f"waits.rank{rank}").read_text()) for rank in (0, 1)] == [0, 0]

@@ -60,7 +60,7 @@ def first_epoch_per_stream(stream_dataset, num_workers):
         stream, epoch = batch["stream"], batch["position"]["epoch"]
         if epoch == 0:
             assert stream not in finished
-            per_stream.setdefault(stream, []).append(batch["windows"][0].numpy())
+            per_stream.setdefault(stream, []).append(batch["windows"][0].numpy().copy())
         else:
             finished.add(stream)
             if len(finished) == max(1, num_workers):

@@ -187,7 +187,7 @@ class FineWebDataModule(StreamDataModule):
             self.files = download_hub_files(*self.hub, local_only=True)
             self.infos = [inspect_parquet(f, self.settings.text_column) for f in self.files]
         s = self.settings
-        self.unique_train_tokens = estimate_train_tokens(self.infos, s.text_column, s.val_fraction, s.rows_per_chunk)
+        self.unique_train_tokens = estimate_train_tokens(self.infos, s.text_column, s.val_fraction)
 
     def validation_tokens(self, wanted: int) -> np.ndarray:
         return first_tokens(held_out_texts(self.infos, self.settings.text_column, self.settings.val_fraction), wanted)
@@ -240,7 +240,7 @@ class HubStreamDataModule(StreamDataModule):
         self.files = local_parquet_files(self.source["dataset"], self.source["data_files"], self.source["split"])
         if self.files:  # token counts are known (estimated) for local files only
             infos = [inspect_parquet(f, s.text_column) for f in self.files]
-            self.unique_train_tokens = estimate_train_tokens(infos, s.text_column, s.val_fraction, s.rows_per_chunk)
+            self.unique_train_tokens = estimate_train_tokens(infos, s.text_column, s.val_fraction)
 
     def validation_tokens(self, wanted: int) -> np.ndarray:
         from fineweb_gpt.data.hf_stream import held_out_chunks

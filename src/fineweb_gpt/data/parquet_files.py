@@ -127,11 +127,11 @@ def inspect_parquet(path: Path, text_column: str) -> ParquetInfo:
     )
 
 
-def estimate_train_tokens(infos: list[ParquetInfo], text_column: str, val_fraction: float, sample_rows: int) -> int:
+def estimate_train_tokens(infos: list[ParquetInfo], text_column: str, val_fraction: float) -> int:
     """Tokens in one pass over the training documents of parquet files.
 
     FineWeb's token_count column holds GPT-2 counts (without the separator); other files are
-    estimated from the tokens per byte of their first rows and the text size in their metadata.
+    estimated from the tokens per byte of their first 1024 rows and the text size in their metadata.
     """
     if all(info.has_token_count for info in infos):
         total = 0
@@ -141,7 +141,7 @@ def estimate_train_tokens(infos: list[ParquetInfo], text_column: str, val_fracti
             total += int(counts.to_numpy(zero_copy_only=False).sum()) + info.num_rows
         return int(total * (1 - val_fraction))
     with reading(infos[0].path):
-        sample = pq.ParquetFile(infos[0].path).read_row_group(0, columns=[text_column]).column(0)
-    texts = [t for t in sample.to_pylist()[:sample_rows] if t]
+        sample = next(pq.ParquetFile(infos[0].path).iter_batches(1024, columns=[text_column])).column(0)
+    texts = [t for t in sample.to_pylist() if t]
     per_byte = len(tokenize_documents(texts)) / max(1, sum(len(t.encode("utf-8")) for t in texts))
     return int(sum(info.text_bytes for info in infos) * per_byte * (1 - val_fraction))

@@ -278,7 +278,7 @@ class TokenShardDataModule(StreamDataModule):
         paths,
         val_paths=None,
         val_tokens: int = 1_048_576,
-        num_workers: int = 1,
+        num_workers: int = 0,
         seed: int = 1337,
     ):
         super().__init__(

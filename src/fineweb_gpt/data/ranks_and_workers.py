@@ -6,7 +6,7 @@ each read by exactly one stream per epoch:
 
 - parquet files: a unit is a row group, cut into equal row ranges when there are fewer row
   groups than streams, so even one file feeds every worker of every rank;
-- token shards: a unit is a range of at most UNIT_WINDOWS windows of the shards' tokens;
+- token shards: a unit is a range of windows of the shards' tokens, about UNIT_TOKENS long;
 - a Hub stream (`datasets`): a unit is one of the dataset's shards after `reshard()` (a
   parquet row group), dealt by `datasets.distributed.split_dataset_by_node` with the
   streams as its nodes (see hf_stream.py).
@@ -30,7 +30,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from fineweb_gpt.data.settings import DataSettings
 
-UNIT_WINDOWS = 1024  # token shards: windows shuffled together (about 1M tokens at block_size 1024)
+# Token shards: windows shuffled together, about as many tokens as a chunk of 1024 FineWeb rows.
+UNIT_TOKENS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,6 @@ class TrainStream(IterableDataset):
         for window, position in self.stream_windows(stream):
             batch.append(window)
             if len(batch) == size:
-                windows = torch.from_numpy(np.stack(batch).astype(np.int64, copy=False))
+                windows = torch.from_numpy(np.array(batch, dtype=np.int64))
                 yield {"windows": windows, "stream": stream, "position": asdict(position)}
                 batch = []

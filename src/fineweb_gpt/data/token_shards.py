@@ -9,7 +9,7 @@ sees the same separator between documents either way.)
 
 The training shards are read as one sequence of tokens (their concatenation), cut into
 non-overlapping windows of block_size + 1 tokens; only the last partial window of the whole
-sequence is left out. Units of up to UNIT_WINDOWS windows are shuffled with (seed, epoch) and
+sequence is left out. Units of about UNIT_TOKENS tokens are shuffled with (seed, epoch) and
 dealt to the streams (ranks_and_workers.py), and each unit's windows are shuffled too: every
 window exactly once per epoch across ranks x workers. Memory stays flat as the shards grow:
 the shards are memory-mapped, and a stream holds only its list of units.
@@ -18,13 +18,14 @@ Exact resume: a position is (epoch, unit, windows of the unit already yielded); 
 follows from the seed, so a resumed run continues bit for bit.
 """
 
+import bisect
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fineweb_gpt.data.ranks_and_workers import UNIT_WINDOWS, TrainStream, plan_units, units_of_stream
+from fineweb_gpt.data.ranks_and_workers import UNIT_TOKENS, TrainStream, plan_units, units_of_stream
 from fineweb_gpt.data.settings import DataSettings
 from fineweb_gpt.data.tokens import shuffled_order
 from fineweb_gpt.errors import ConfigError
@@ -40,11 +41,12 @@ def read_token_count(path: Path) -> int:
     """The token count from a shard's header, after checking that the file is one."""
     try:
         with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+            raw = f.read(HEADER_BYTES)
         size = os.path.getsize(path)
     except OSError as err:
         raise ConfigError(f"token shard {path} cannot be read ({err.strerror}); check data.paths") from err
-    if len(header) < HEADER_INTS or header[0] != MAGIC:
+    header = np.frombuffer(raw, dtype="<i4") if len(raw) == HEADER_BYTES else np.zeros(HEADER_INTS, dtype="<i4")
+    if header[0] != MAGIC:
         raise ConfigError(
             f"{path} is not an llm.c token shard (no magic {MAGIC} in its header); "
             "make shards with fineweb-gpt-tokenize, or train on parquet files with data=multi_shard"
@@ -95,7 +97,11 @@ class ShardWriter:
 
 
 def memmap_tokens(path: Path, count: int) -> np.ndarray:
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
+    """The shard's tokens, memory-mapped: pages are read as windows need them, and the OS may drop them."""
+    if count == 0:
+        return np.empty(0, dtype=TOKEN_DTYPE)
+    # A plain ndarray view slices several times faster than np.memmap, and keeps the map open.
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,)).view(np.ndarray)
 
 
 @dataclass
@@ -116,15 +122,16 @@ class TokenShardStream(TrainStream):
         super().__init__(settings, rank, world_size, start, rotation)
         self.shards = shards  # (path, token count); opened in the worker that reads them
         counts = [count for _, count in shards]
-        self.starts = np.cumsum([0] + counts)  # each shard's first token in the whole sequence
-        total_windows = int(self.starts[-1]) // settings.window
+        self.starts = np.cumsum([0] + counts).tolist()  # each shard's first token in the whole sequence
+        total_windows = self.starts[-1] // settings.window
         if total_windows < self.num_streams:
             raise ConfigError(
                 f"the token shards hold {total_windows} windows of {settings.window} tokens, fewer than the "
                 f"{self.num_streams} data streams (devices x data.num_workers); use more data, fewer workers "
                 "or a smaller model.block_size"
             )
-        self.units = plan_units([(0, 0, total_windows)], self.num_streams, max_size=UNIT_WINDOWS)
+        unit_windows = max(1, UNIT_TOKENS // settings.window)
+        self.units = plan_units([(0, 0, total_windows)], self.num_streams, max_size=unit_windows)
         self.tokens: list[np.ndarray] | None = None
 
     def __getstate__(self):
@@ -134,14 +141,14 @@ class TokenShardStream(TrainStream):
         """Window `index` of the whole sequence, read from one shard or across a shard boundary."""
         start = index * self.settings.window
         stop = start + self.settings.window
-        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        shard = bisect.bisect_right(self.starts, start) - 1
         if stop <= self.starts[shard + 1]:
-            offset = start - int(self.starts[shard])
+            offset = start - self.starts[shard]
             return self.tokens[shard][offset : offset + self.settings.window]
         parts = []
         while start < stop:
-            offset = start - int(self.starts[shard])
-            take = min(stop, int(self.starts[shard + 1])) - start
+            offset = start - self.starts[shard]
+            take = min(stop, self.starts[shard + 1]) - start
             parts.append(self.tokens[shard][offset : offset + take])
             start += take
             shard += 1

@@ -12,10 +12,12 @@ source runs in a fresh process per input for one full epoch of all its streams:
   block_size + 1 windows and shuffle them. Baseline: raw tiktoken on the same text.
 - hf_stream: the same through `datasets` streaming (data.dataset=parquet). Same baseline.
 - token_shards: windows read from the memory-mapped shards in the training process.
-  Baseline: one contiguous read of the same tokens into int64 (memory bandwidth).
+  Baseline: the same tokens copied front to back, a micro-batch at a time, into one int64
+  buffer: the data movement alone.
 
-Memory: peak RSS of the process and its workers; for token shards also the anonymous memory
-(RssAnon) at the end of the epoch, since the mapped shards' pages are the page cache's to drop.
+Every measurement runs in a process of its own. Memory: peak RSS of that process and its
+workers; for token shards also the anonymous memory (RssAnon) at the end of the epoch, since
+the mapped shards' pages are the page cache's, shared and dropped as needed.
 """
 
 import argparse
@@ -35,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fineweb_gpt.data import FineWebDataModule, HubStreamDataModule, TokenShardDataModule, bundled_sample_path
+from fineweb_gpt.data.token_shards import memmap_tokens, read_token_count
 from fineweb_gpt.tokenize import main as tokenize_main
 from fineweb_gpt.tokenizer import gpt2_tokenizer
 
@@ -63,23 +66,25 @@ def raw_tiktoken_tokens_per_sec(path: Path) -> float:
     return max(one_thread, tokens / (time.perf_counter() - start))
 
 
-def raw_read_tokens_per_sec(folder: Path) -> float:
-    """The training shards read front to back into int64, as fast as memory allows."""
-    from fineweb_gpt.data.token_shards import memmap_tokens, read_token_count
+def raw_read_tokens_per_sec(folder: Path, block_size: int, micro_batch: int) -> float:
+    """The training shards copied front to back into one int64 micro-batch buffer: the data
+    movement alone, with no shuffling, no positions and no DataLoader."""
+    batch = np.empty(micro_batch * (block_size + 1), dtype=np.int64)
+    shards = [memmap_tokens(path, read_token_count(path)) for path in sorted(folder.glob("train_*.bin"))]
+    for tokens in shards:  # into the page cache, as the pipeline run finds them
+        tokens.sum()
+    start, copied = time.perf_counter(), 0
+    for tokens in shards:
+        for offset in range(0, len(tokens) - len(batch) + 1, len(batch)):
+            batch[:] = tokens[offset : offset + len(batch)]
+            copied += len(batch)
+    return copied / (time.perf_counter() - start)
 
-    shards = sorted(folder.glob("train_*.bin"))
-    for path in shards:  # into the page cache, as the pipeline run finds them
-        np.asarray(memmap_tokens(path, read_token_count(path))).sum()
-    start, tokens = time.perf_counter(), 0
-    for path in shards:
-        tokens += len(memmap_tokens(path, read_token_count(path)).astype(np.int64))
-    return tokens / (time.perf_counter() - start)
 
-
-def anonymous_rss_mib() -> float:
-    status = Path("/proc/self/status")
-    match = re.search(r"RssAnon:\s+(\d+) kB", status.read_text()) if status.exists() else None
-    return int(match.group(1)) / 1024 if match else float("nan")
+def own_memory_mib(field: str) -> float:
+    """VmHWM (peak RSS of this program, not counting what its parent held before exec) or RssAnon."""
+    match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) / 1024
 
 
 def make_datamodule(source: str, path: str, workers: int, block_size: int, micro_batch: int):
@@ -103,16 +108,14 @@ def pipeline_run(source: str, path: str, workers: int, block_size: int, micro_ba
         windows += batch.shape[0]
         finished.update(stream for stream, position in dm.positions.items() if position["epoch"] >= 1)
     elapsed = time.perf_counter() - start
-    anonymous = anonymous_rss_mib()
+    anonymous = own_memory_mib("RssAnon")
     del loader  # workers exit, so their peak RSS is counted below
     time.sleep(0.5)
-    peak_kib = max(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    )
+    workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {
         "tokens": windows * (block_size + 1),
         "seconds": elapsed,
-        "peak_rss_mib": peak_kib / 1024,
+        "peak_rss_mib": max(own_memory_mib("VmHWM"), workers_peak),
         "anonymous_rss_mib": anonymous,
     }
 
@@ -129,8 +132,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.run:
         source, path = args.run
-        workers = args.shard_workers if source == "token_shards" else args.workers
-        print(json.dumps(pipeline_run(source, path, workers, args.block_size, args.micro_batch)))
+        if source == "tokenizing":
+            speed = raw_tiktoken_tokens_per_sec(Path(path))
+        elif source == "reading":
+            speed = raw_read_tokens_per_sec(Path(path), args.block_size, args.micro_batch)
+        else:
+            workers = args.shard_workers if source == "token_shards" else args.workers
+            speed = pipeline_run(source, path, workers, args.block_size, args.micro_batch)
+        print(json.dumps(speed))
         return
 
     print(f"{os.cpu_count()} CPU cores; block_size {args.block_size}, micro-batch {args.micro_batch}")
@@ -139,7 +148,15 @@ def main() -> None:
         for copies in (args.copies, 10 * args.copies):
             inputs[copies] = Path(tmp) / f"sample_x{copies}.parquet"
             write_copies(inputs[copies], copies)
-        baselines = {"tokenizing": raw_tiktoken_tokens_per_sec(inputs[args.copies])}
+
+        def run(source: str, path: Path):
+            command = [sys.executable, __file__, "--run", source, str(path), "--workers", str(args.workers)]
+            command += ["--shard-workers", str(args.shard_workers)]
+            command += ["--block-size", str(args.block_size), "--micro-batch", str(args.micro_batch)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            return json.loads(done.stdout.strip().splitlines()[-1])
+
+        baselines = {"tokenizing": run("tokenizing", inputs[args.copies])}
         print(f"baseline, raw tiktoken on the same text: {baselines['tokenizing'] / 1e6:.2f}M tokens/s")
         shard_folders = {}
         if "token_shards" in args.sources:
@@ -147,17 +164,12 @@ def main() -> None:
                 shard_folders[copies] = Path(tmp) / f"shards_x{copies}"
                 with open(os.devnull, "w") as quiet, redirect_stdout(quiet), redirect_stderr(quiet):
                     tokenize_main([str(path), "--out", str(shard_folders[copies])])
-            baselines["reading"] = raw_read_tokens_per_sec(shard_folders[10 * args.copies])
-            print(f"baseline, the shards' tokens read front to back: {baselines['reading'] / 1e6:.0f}M tokens/s")
+            baselines["reading"] = run("reading", shard_folders[10 * args.copies])
+            print(f"baseline, the shards copied front to back: {baselines['reading'] / 1e6:.0f}M tokens/s")
         for source in args.sources:
             results = {}
             for copies, path in inputs.items():
-                where = shard_folders[copies] if source == "token_shards" else path
-                command = [sys.executable, __file__, "--run", source, str(where), "--workers", str(args.workers)]
-                command += ["--shard-workers", str(args.shard_workers)]
-                command += ["--block-size", str(args.block_size), "--micro-batch", str(args.micro_batch)]
-                done = subprocess.run(command, capture_output=True, text=True, check=True)
-                results[copies] = json.loads(done.stdout.strip().splitlines()[-1])
+                results[copies] = run(source, shard_folders[copies] if source == "token_shards" else path)
             report(source, results, baselines, args)
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from fineweb_gpt.data.holdout import document_keys, is_validation_document
 from fineweb_gpt.data.hub_files import download_hub_files
-from fineweb_gpt.data.parquet_files import ParquetInfo, inspect_parquet, reading, resolve_parquet_files
+from fineweb_gpt.data.parquet_files import ParquetInfo, expand_paths, inspect_parquet, reading
 from fineweb_gpt.data.token_shards import TOKEN_DTYPE, ShardWriter
 from fineweb_gpt.data.tokens import tokenize_documents
 from fineweb_gpt.errors import ConfigError, exit_with
@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
                 "--hf-repo and --hf-files go together, e.g. --hf-repo HuggingFaceFW/fineweb "
                 "--hf-files 'sample/10BT/000_00000.parquet'"
             )
-        files = resolve_parquet_files(paths=args.inputs) if args.inputs or not args.hf_repo else []
+        if not args.inputs and not args.hf_repo:
+            raise ConfigError("nothing to tokenize: give parquet files, folders or globs, or --hf-repo with --hf-files")
+        files = expand_paths(args.inputs, ".parquet", "the inputs")
         if args.hf_repo:
             files += download_hub_files(args.hf_repo, args.hf_files, args.cache_dir)
         infos = [inspect_parquet(f, args.text_column) for f in files]

@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from fineweb_gpt.data.hf_stream import HubTextStream, held_out_chunks, local_parquet_files, open_hub_dataset
 from fineweb_gpt.data.holdout import first_tokens, held_out_texts, validation_tokens_wanted
 from fineweb_gpt.data.hub_files import download_hub_files
 from fineweb_gpt.data.loader import make_loader
@@ -233,8 +234,6 @@ class HubStreamDataModule(StreamDataModule):
         self.key_column = None
 
     def open_source(self) -> None:
-        from fineweb_gpt.data.hf_stream import local_parquet_files, open_hub_dataset
-
         s = self.settings
         self.stream, self.key_column = open_hub_dataset(**self.source, text_column=s.text_column)
         self.files = local_parquet_files(self.source["dataset"], self.source["data_files"], self.source["split"])
@@ -243,13 +242,9 @@ class HubStreamDataModule(StreamDataModule):
             self.unique_train_tokens = estimate_train_tokens(infos, s.text_column, s.val_fraction)
 
     def validation_tokens(self, wanted: int) -> np.ndarray:
-        from fineweb_gpt.data.hf_stream import held_out_chunks
-
         return first_tokens(held_out_chunks(self.stream, self.settings, self.key_column, self.described), wanted)
 
     def train_stream(self, rank: int) -> TrainStream:
-        from fineweb_gpt.data.hf_stream import HubTextStream
-
         return HubTextStream(
             self.stream,
             self.key_column,

@@ -23,6 +23,7 @@ data.revision to a commit to pin a Hub dataset).
 from dataclasses import dataclass, field
 
 import numpy as np
+from torch.utils.data import get_worker_info
 
 from fineweb_gpt.data.holdout import is_validation_document
 from fineweb_gpt.data.parquet_files import as_list, expand_paths, is_text_type
@@ -131,7 +132,6 @@ class HubTextStream(TrainStream):
 
     def stream_windows(self, stream: int):
         import fsspec
-        from torch.utils.data import get_worker_info
 
         if get_worker_info() is not None:
             fsspec.asyn.reset_lock()  # a forked worker must not wait on its parent's fsspec lock (as datasets does)

@@ -1,26 +1,24 @@
 """Documents -> GPT-2 token ids -> packed windows of block_size + 1 tokens.
 
-Document text is always encoded as plain text: a web page that quotes `<|endoftext|>` gets
-the ordinary tokens of those characters, never the special id, so no content can stop a run
-(tiktoken's default refuses such text). Only the separator this module appends after each
-document is END_OF_TEXT_ID. Empty and null documents are dropped before they get a separator.
+Document text is always encoded as plain text (tokenizer.encode_text): a web page that quotes
+`<|endoftext|>` gets the ordinary tokens of those characters, never the special id, so no
+content can stop a run. Only the separator this module appends after each document is
+END_OF_TEXT_ID. Empty and null documents are dropped before they get a separator.
 """
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fineweb_gpt.tokenizer import END_OF_TEXT_ID, gpt2_tokenizer
+from fineweb_gpt.tokenizer import END_OF_TEXT_ID, encode_text
 
 NO_TOKENS = np.empty(0, dtype=np.int64)
 
 
 def tokenize_documents(texts: list[str]) -> np.ndarray:
     """Token ids of all documents, each followed by <|endoftext|>, as one int64 array."""
-    enc = gpt2_tokenizer()
     end = np.array([END_OF_TEXT_ID], dtype=np.int64)
-    # disallowed_special=() reads special-token strings as text; allowed_special stays empty.
-    parts = [part for text in texts for part in (enc.encode_to_numpy(text, disallowed_special=()), end)]
+    parts = [part for text in texts for part in (encode_text(text), end)]
     return np.concatenate(parts).astype(np.int64, copy=False) if parts else NO_TOKENS
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from fineweb_gpt.data import FineWebDataModule, HubStreamDataModule, bundled_sample_path, read_documents
@@ -276,6 +277,24 @@ def test_hf_stream_resumes_with_the_same_batches(tmp_path, num_workers, stop_aft
         assert torch.equal(a, b)
     if stop_after == 300:
         assert min(p["epoch"] for p in first.positions.values()) >= 1
+
+
+@pytest.mark.parametrize(
+    "data_files",
+    [
+        "{d}/*.parquet",  # a glob
+        "[{d}/000_00000.parquet,{d}/001_00000.parquet]",  # a list
+        "{{train:[{d}/000_00000.parquet,{d}/001_00000.parquet]}}",  # files per split, as load_dataset takes them
+    ],
+)
+def test_hf_stream_data_files_as_typed_on_the_command_line(make_config, tmp_path, data_files):
+    files = write_shards(tmp_path / "shards", count=2)
+    data = ["data=hf_stream", "data.dataset=parquet", "data.data_files=" + data_files.format(d=tmp_path / "shards")]
+    cfg = make_config(*SMALL, *data)
+    datamodule = instantiate(cfg.data, micro_batch_size=cfg.hw.micro_batch_size)
+    datamodule.setup("validate")
+    assert datamodule.files == files
+    assert next(iter(datamodule.val_dataloader())).shape == (4, 33)
 
 
 def test_hf_stream_text_column_that_is_not_text_is_refused(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fineweb_gpt.data.hf_stream import HubTextStream, held_out_chunks, local_parquet_files, open_hub_dataset
 from fineweb_gpt.data.holdout import first_tokens, held_out_texts, validation_tokens_wanted
@@ -228,6 +229,9 @@ class HubStreamDataModule(StreamDataModule):
                 "data.dataset has no value: name a Hub dataset, e.g. data.dataset=HuggingFaceFW/fineweb "
                 "data.name=sample-10BT, or local parquet files: data.dataset=parquet 'data.data_files=/data/*.parquet'"
             )
+        # data.data_files={train:[...]} arrives as a DictConfig, which datasets would read as a list of its keys.
+        if isinstance(data_files, (DictConfig, ListConfig)):
+            data_files = OmegaConf.to_container(data_files)
         self.source = dict(dataset=dataset, name=name, data_files=data_files, split=split, revision=revision)
         self.described = f"data.dataset={dataset}"
         self.stream = None

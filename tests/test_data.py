@@ -199,10 +199,9 @@ def test_split_is_about_the_asked_fraction_and_the_same_in_every_process():
         "keys, _ = read_documents([bundled_sample_path()], 'text')\n"
         f"print(' '.join(k for k in keys if is_validation_document(k, {VAL_FRACTION})))"
     )
-    for hash_seed in ("1", "2"):
-        env = {"PYTHONHASHSEED": hash_seed, "PYTHONPATH": ":".join(sys.path)}
-        other = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-        assert other.stdout.split() == held_out
+    env = {"PYTHONHASHSEED": "12345", "PYTHONPATH": ":".join(sys.path)}
+    other = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert other.stdout.split() == held_out
 
 
 def test_unique_training_tokens_are_estimated_closely():

@@ -58,17 +58,23 @@ def sample_shards(tmp_path_factory) -> Path:
     return folder / "sample"
 
 
-def test_tokenize_refuses_bad_input_in_one_line_and_keeps_existing_shards(sample_shards, tmp_path):
-    missing = tokenize_cli("nowhere/000_00000.parquet", "--out", "tokens", cwd=tmp_path)
-    assert (missing.returncode, missing.stderr.strip()) == (
-        2,
-        "error: data file nowhere/000_00000.parquet does not exist; check the inputs",
+def test_tokenize_refuses_bad_input_in_one_line_and_keeps_existing_shards(sample_shards, tmp_path, capsys):
+    from fineweb_gpt.tokenize import main
+
+    def refusal(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exited:
+            main(list(argv))
+        assert exited.value.code == 2
+        return capsys.readouterr().err.strip()
+
+    missing = tmp_path / "nowhere" / "000_00000.parquet"
+    assert refusal(str(missing), "--out", str(tmp_path / "tokens")) == (
+        f"error: data file {missing} does not exist; check the inputs"
     )
     before = {p.name: p.stat().st_mtime_ns for p in sample_shards.glob("*.bin")}
-    again = tokenize_cli(str(bundled_sample_path()), "--out", str(sample_shards), cwd=tmp_path)
-    assert again.returncode == 2
-    refusal = f"error: {sample_shards} already holds .bin shards; choose a new or empty --out folder"
-    assert again.stderr.strip() == refusal
+    assert refusal(str(bundled_sample_path()), "--out", str(sample_shards)) == (
+        f"error: {sample_shards} already holds .bin shards; choose a new or empty --out folder"
+    )
     assert {p.name: p.stat().st_mtime_ns for p in sample_shards.glob("*.bin")} == before
 
 

@@ -59,12 +59,9 @@ class DataSettings:
         """Streams per rank: with no workers, the training process is the one stream."""
         return max(1, self.num_workers)
 
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
 
 def check_data_config(data, micro_batch_size) -> DataSettings:
     """The shared data settings of a composed config (cfg.data), checked before anything is built."""
-    given = {name: data[name] for name in DataSettings.names() if name in data and name != "micro_batch_size"}
+    names = [f.name for f in fields(DataSettings) if f.name != "micro_batch_size"]
+    given = {name: data[name] for name in names if name in data}
     return DataSettings(micro_batch_size=micro_batch_size, **given)

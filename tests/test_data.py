@@ -1,3 +1,7 @@
+"""The parquet source: every token once per epoch, exact resume, held-out validation, bad input refused."""
+
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -5,16 +9,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from fineweb_gpt import data as data_module
 from fineweb_gpt.data import (
+    DataSettings,
     FineWebDataModule,
     PackedWindows,
-    StreamPosition,
     TokenWindowStream,
     bundled_sample_path,
-    download_hub_files,
     inspect_parquet,
     is_validation_document,
     read_documents,
@@ -23,6 +26,8 @@ from fineweb_gpt.data import (
 )
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.tokenizer import END_OF_TEXT_ID, gpt2_tokenizer
+from fineweb_gpt.train import train
+from helpers import SMALL, run_cli
 
 BLOCK = 64
 VAL_FRACTION = 0.05
@@ -33,21 +38,13 @@ def write_parquet(path, row_group_size=None, **columns):
     return path
 
 
-def sample_stream(rank=0, world_size=1, num_workers=0, micro_batch_size=1, files=None, block=BLOCK, **kwargs):
+def settings(block=BLOCK, micro_batch_size=1, num_workers=0, val_fraction=VAL_FRACTION, rows_per_chunk=64, seed=7):
+    return DataSettings(block, micro_batch_size, "text", val_fraction, 1024, num_workers, rows_per_chunk, seed)
+
+
+def sample_stream(rank=0, world_size=1, files=None, start=None, rotation=0, **kwargs):
     infos = [inspect_parquet(f, "text") for f in (files or [bundled_sample_path()])]
-    return TokenWindowStream(
-        infos,
-        "text",
-        VAL_FRACTION,
-        block,
-        micro_batch_size,
-        rows_per_chunk=64,
-        seed=7,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        **kwargs,
-    )
+    return TokenWindowStream(infos, settings(**kwargs), rank, world_size, start, rotation)
 
 
 def training_tokens(files=None) -> np.ndarray:
@@ -63,7 +60,7 @@ def first_epoch_per_stream(stream_dataset, num_workers):
         stream, epoch = batch["stream"], batch["position"]["epoch"]
         if epoch == 0:
             assert stream not in finished
-            per_stream.setdefault(stream, []).append(batch["windows"][0].numpy())
+            per_stream.setdefault(stream, []).append(batch["windows"][0].numpy().copy())
         else:
             finished.add(stream)
             if len(finished) == max(1, num_workers):
@@ -92,9 +89,6 @@ def test_every_training_token_exactly_once_per_epoch_across_2_ranks_x_2_workers(
     assert not seen_counts - source_counts  # nothing duplicated, nothing from validation
     dropped = len(source) - windows.size
     assert 0 <= dropped < 4 * (block + 1)  # at most one partial window per stream
-    print(
-        f"exactly-once: source {len(source)} tokens, seen {windows.size} in {len(windows)} windows, dropped {dropped}"
-    )
 
 
 def test_one_row_group_is_split_so_every_worker_gets_data(tmp_path):
@@ -116,6 +110,7 @@ def test_micro_batches_group_consecutive_windows_of_a_stream():
         batch = next(batches)
         expected = [next(singles) for _ in range(4)]
         assert torch.equal(batch["windows"], torch.cat([e["windows"] for e in expected]))
+        assert batch["windows"].dtype == torch.int64
         assert batch["position"] == expected[-1]["position"]
 
 
@@ -137,6 +132,12 @@ def test_next_epoch_is_reshuffled():
 def consume(loader_iter, datamodule, count):
     """Feed batches through the DataModule's hook as Lightning does; return their windows."""
     return [datamodule.on_before_batch_transfer(next(loader_iter), 0).clone() for _ in range(count)]
+
+
+def through_a_checkpoint(state: dict, tmp_path) -> dict:
+    """The state as a resumed run gets it: saved with torch.save, loaded with weights_only=True."""
+    torch.save({"datamodule": state}, tmp_path / "state.ckpt")
+    return torch.load(tmp_path / "state.ckpt", weights_only=True)["datamodule"]
 
 
 @pytest.mark.parametrize("num_workers, stop_after, docs", [(0, 7, 800), (2, 7, 800), (2, 31, 800), (2, 150, 20)])
@@ -163,15 +164,14 @@ def test_resume_from_saved_state_gives_the_same_batches(tmp_path, num_workers, s
 
     first = make()
     consumed = consume(iter(first.train_dataloader()), first, stop_after)
-    state = first.state_dict()
     resumed = make()
-    resumed.load_state_dict(state)
+    resumed.load_state_dict(through_a_checkpoint(first.state_dict(), tmp_path))
     continued = consume(iter(resumed.train_dataloader()), resumed, 40)
 
     for a, b in zip(reference, consumed + continued, strict=True):
         assert torch.equal(a, b)
     if docs == 20:  # 20 documents: the run resumes in the second epoch
-        assert min(p.epoch for p in first.positions.values()) == 1
+        assert min(p["epoch"] for p in first.positions.values()) == 1
 
 
 def test_validation_is_held_out_fixed_and_the_same_every_time():
@@ -184,15 +184,24 @@ def test_validation_is_held_out_fixed_and_the_same_every_time():
     windows = 2048 // BLOCK
     assert dm.val_windows.tokens.tolist() == held_out[: windows * (BLOCK + 1)].tolist()
     first = torch.cat(list(dm.val_dataloader()))
-    assert first.shape == (windows, BLOCK + 1)
+    assert first.shape == (windows, BLOCK + 1) and first.dtype == torch.int64
     assert torch.equal(first, torch.cat(list(dm.val_dataloader())))
 
 
-def test_split_is_deterministic_and_about_the_asked_fraction():
+def test_split_is_about_the_asked_fraction_and_the_same_in_every_process():
     keys, _ = read_documents([bundled_sample_path()], "text")
     held_out = [k for k in keys if is_validation_document(k, VAL_FRACTION)]
-    assert held_out == [k for k in keys if is_validation_document(k, VAL_FRACTION)]
     assert 20 <= len(held_out) <= 60 and len(keys) == len(set(keys)) == 800
+    # A DataLoader worker, a resumed run and fineweb-gpt-tokenize are other processes: with a
+    # per-process hash (Python's hash() and PYTHONHASHSEED), they would split differently.
+    script = (
+        "from fineweb_gpt.data import bundled_sample_path, is_validation_document, read_documents\n"
+        "keys, _ = read_documents([bundled_sample_path()], 'text')\n"
+        f"print(' '.join(k for k in keys if is_validation_document(k, {VAL_FRACTION})))"
+    )
+    env = {"PYTHONHASHSEED": "12345", "PYTHONPATH": ":".join(sys.path)}
+    other = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert other.stdout.split() == held_out
 
 
 def test_unique_training_tokens_are_estimated_closely():
@@ -228,7 +237,7 @@ def test_epochs_seen_counts_consumed_windows():
 def test_empty_and_null_texts_are_skipped_and_counted(tmp_path):
     texts = ["one two three four five six seven eight nine ten"] * 40 + [None, "", None] + ["x y z"] * 10
     path = write_parquet(tmp_path / "s.parquet", text=texts, id=[f"k{i}" for i in range(len(texts))])
-    stream = TokenWindowStream([inspect_parquet(path, "text")], "text", 0.01, 8, 1, 1024, seed=0)
+    stream = TokenWindowStream([inspect_parquet(path, "text")], settings(block=8, val_fraction=0.01, seed=0))
     epoch0 = [p for _, p in zip(range(10_000), (p for _, p in stream.stream_windows(0))) if p.epoch == 0]
     assert epoch0[-1].skipped == 3
 
@@ -255,13 +264,50 @@ def test_directory_and_glob_find_shards_in_order(tmp_path):
     assert resolve_parquet_files(str(tmp_path / "00*_00000.parquet")) == expected
 
 
+def write_three_shards(folder):
+    folder.mkdir()
+    sample = pq.read_table(bundled_sample_path())
+    for i in range(3):
+        pq.write_table(sample.slice(i * 200, 200), folder / f"00{i}_00000.parquet", row_group_size=50)
+    return sorted(folder.glob("*.parquet"))
+
+
+@pytest.mark.parametrize(
+    "paths, expected",
+    [
+        ("{d}", [0, 1, 2]),  # one folder, no brackets: a list of one, not of its characters
+        ("{d}/00*_00000.parquet", [0, 1, 2]),  # one glob
+        ("{d}/001_00000.parquet", [1]),  # one file
+        ("[{d}/002_00000.parquet,{d}/000_00000.parquet]", [2, 0]),  # a list
+    ],
+)
+def test_data_paths_as_typed_on_the_command_line(make_config, tmp_path, paths, expected):
+    shards = write_three_shards(tmp_path / "shards")
+    cfg = make_config(*SMALL, "data=multi_shard", "data.paths=" + paths.format(d=tmp_path / "shards"))
+    datamodule = instantiate(cfg.data, micro_batch_size=cfg.hw.micro_batch_size)
+    assert datamodule.files == [shards[i] for i in expected]
+
+
+def test_one_folder_without_brackets_trains(tmp_path):
+    write_three_shards(tmp_path / "shards")
+    folder = tmp_path / "shards"
+    result = run_cli(*SMALL, "data=multi_shard", f"data.paths={folder}", "trainer.max_steps=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "3 file(s)" in result.stdout + result.stderr
+
+
 def test_missing_text_column_lists_the_columns_found(tmp_path):
     path = write_parquet(tmp_path / "edu.parquet", content=["hello"], score=[3.1])
     with pytest.raises(ConfigError, match=r"edu\.parquet has no 'text' column \(columns: content, score\)"):
         FineWebDataModule(block_size=BLOCK, micro_batch_size=4, path=str(path))
-    assert FineWebDataModule(block_size=BLOCK, micro_batch_size=4, path=str(path), text_column="content").files == [
-        path
-    ]
+    datamodule = FineWebDataModule(block_size=BLOCK, micro_batch_size=4, path=str(path), text_column="content")
+    assert datamodule.files == [path]
+
+
+def test_text_column_that_is_not_text_is_refused(tmp_path):
+    path = write_parquet(tmp_path / "ints.parquet", text=[1, 2, 3], body=["a", "b", "c"])
+    with pytest.raises(ConfigError, match=r"ints\.parquet: column 'text' holds int64, not text; set data\.text_column"):
+        FineWebDataModule(block_size=BLOCK, micro_batch_size=4, path=str(path))
 
 
 def test_empty_shard_is_refused(tmp_path):
@@ -284,73 +330,34 @@ def test_packed_windows_use_every_token_once_and_drop_only_the_tail():
     assert torch.cat([windows[i] for i in range(10)]).tolist() == list(range(100))
 
 
-# --- Hugging Face hub shards, cached locally -------------------------------------------
-
-
-def test_cached_hub_files_are_used_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    shard_dir = tmp_path / "HuggingFaceFW" / "fineweb" / "sample" / "10BT"
-    shard_dir.mkdir(parents=True)
-    for name in ("000_00000.parquet", "001_00000.parquet", "004_00000.parquet"):
-        write_parquet(shard_dir / name, text=["hello world"])
-    files = download_hub_files("HuggingFaceFW/fineweb", "sample/10BT/00[0-3]_00000.parquet", str(tmp_path))
-    assert [f.name for f in files] == ["000_00000.parquet", "001_00000.parquet"]
-
-
-def test_offline_without_cache_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match=r"no files matching sample/10BT/00\[0-3\]_00000\.parquet cached in"):
-        download_hub_files("HuggingFaceFW/fineweb", "sample/10BT/00[0-3]_00000.parquet", str(tmp_path))
-
-
-def test_unreachable_hub_without_cache_is_one_clear_error(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    def unreachable(*args, **kwargs):
-        raise OSError("network is unreachable")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
-    with pytest.raises(ConfigError, match="cannot list HuggingFaceFW/fineweb on the Hugging Face hub"):
-        download_hub_files("HuggingFaceFW/fineweb", "sample/10BT/*.parquet", str(tmp_path))
-
-
-def test_hub_files_are_downloaded_once(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    downloads = []
-    repo_files = ["README.md", "sample/10BT/000_00000.parquet", "sample/10BT/001_00000.parquet", "data/x.parquet"]
-
-    def fake_download(repo, name, repo_type, local_dir):
-        downloads.append(name)
-        target = local_dir / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(bundled_sample_path().read_bytes())
-        return str(target)
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, repo_type: repo_files)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    for _ in range(2):
-        dm = FineWebDataModule(
-            block_size=BLOCK,
-            micro_batch_size=4,
-            hf_repo="HuggingFaceFW/fineweb",
-            hf_files="sample/10BT/*.parquet",
-            cache_dir=str(tmp_path),
-        )
-        dm.prepare_data()
-        dm.setup("fit")
-    assert downloads == ["sample/10BT/000_00000.parquet", "sample/10BT/001_00000.parquet"]
-    assert [f.name for f in dm.files] == ["000_00000.parquet", "001_00000.parquet"]
-
-
-def test_stream_position_round_trips_through_a_plain_dict():
-    position = StreamPosition(epoch=2, unit=3, chunk=1, window=17, carry=[1, 2, 3], skipped=4)
-    assert StreamPosition(**position.to_dict()) == position
-    assert data_module.StreamPosition() == StreamPosition(0, 0, 0, 0, [], 0)
-
-
 def test_no_data_given_is_refused_instead_of_silently_using_the_sample():
     with pytest.raises(ConfigError, match="no training data given: set data.path or data.paths"):
         FineWebDataModule(block_size=BLOCK, micro_batch_size=4)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.block_size=0", "data.block_size=0 must be at least 1; it is the training sequence length"),
+        ("data.block_size=-8", "data.block_size=-8 must be at least 1"),
+        ("data.block_size=abc", "data.block_size='abc' is not a whole number"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be at least 0; DataLoader workers per device"),
+        ("data.rows_per_chunk=0", "data.rows_per_chunk=0 must be at least 1; rows tokenized and shuffled together"),
+        ("data.val_fraction=0", "data.val_fraction=0 must be a fraction between 0 and 1"),
+        ("data.val_fraction=1.5", "data.val_fraction=1.5 must be a fraction between 0 and 1"),
+        ("data.val_tokens=0", "data.val_tokens=0 must be at least 1"),
+    ],
+)
+def test_bad_data_settings_are_refused_before_anything_is_read(make_config, override, message):
+    # The data file does not exist: the settings must be refused first, in one line.
+    cfg = make_config(*SMALL, "data=single_parquet", "data.path=/nowhere/000_00000.parquet", override)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")) as raised:
+        train(cfg)
+    assert "\n" not in str(raised.value)
+
+
+def test_bad_data_setting_is_one_line_on_the_command_line(tmp_path):
+    result = run_cli(*SMALL, "data.block_size=0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: data.block_size=0 must be at least 1;")
+    assert "Traceback" not in result.stderr

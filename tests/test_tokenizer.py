@@ -2,7 +2,7 @@ import pytest
 
 from fineweb_gpt.data import bundled_sample_path, read_documents
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.tokenizer import END_OF_TEXT_ID, bundled_ranks_path, gpt2_tokenizer, load_gpt2_encoding
+from fineweb_gpt.tokenizer import END_OF_TEXT_ID, bundled_ranks_path, encode_text, gpt2_tokenizer, load_gpt2_encoding
 
 
 def test_known_gpt2_ids_offline():
@@ -33,3 +33,13 @@ def test_ranks_file_with_wrong_hash_is_refused(tmp_path):
 def test_missing_ranks_file_is_reported(tmp_path):
     with pytest.raises(ConfigError, match="cannot be read"):
         load_gpt2_encoding(tmp_path / "nope.tiktoken")
+
+
+def test_special_token_text_in_a_document_is_plain_text():
+    enc = gpt2_tokenizer()
+    page = "GPT-2 separates documents with <|endoftext|>; chat models use <|im_start|>."
+    with pytest.raises(ValueError, match="disallowed special token"):
+        enc.encode(page)  # what a web page quoting the separator did to a run before
+    tokens = encode_text(page).tolist()
+    assert tokens == enc.encode_ordinary(page) and END_OF_TEXT_ID not in tokens
+    assert enc.decode(tokens) == page

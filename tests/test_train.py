@@ -290,11 +290,12 @@ def test_file_damaged_inside_is_reported_in_one_line(tmp_path):
 def test_damage_met_by_a_dataloader_worker_keeps_its_one_line(tmp_path):
     from torch.utils.data import DataLoader
 
-    from fineweb_gpt.data import TokenWindowStream, inspect_parquet
+    from fineweb_gpt.data import DataSettings, TokenWindowStream, inspect_parquet
     from fineweb_gpt.errors import one_line
 
     path = write_damaged_sample(tmp_path)
-    stream = TokenWindowStream([inspect_parquet(path, "text")], "text", 0.05, 32, 4, 64, seed=0, num_workers=1)
+    settings = DataSettings(32, 4, "text", 0.05, 1024, num_workers=1, rows_per_chunk=64, seed=0)
+    stream = TokenWindowStream([inspect_parquet(path, "text")], settings)
     with pytest.raises(ConfigError) as raised:
         next(iter(DataLoader(stream, batch_size=None, num_workers=1)))
     assert "Original Traceback" in str(raised.value)  # what a worker's exception looks like in the trainer

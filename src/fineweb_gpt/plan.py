@@ -8,6 +8,7 @@ import math
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from fineweb_gpt.data.settings import check_data_config
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.flops import chinchilla_tokens, flops_per_token, gpu_for_device, human_count
 from fineweb_gpt.model import GPTConfig
@@ -39,6 +40,7 @@ def check_config(cfg: DictConfig, hw_name: str) -> None:
     max_steps = cfg.trainer.max_steps
     if max_steps is not None and (max_steps == 0 or max_steps < -1):
         raise ConfigError(f"trainer.max_steps={max_steps} must be positive (or -1: run length from max_tokens)")
+    check_data_config(cfg.data, cfg.hw.micro_batch_size)
     if cfg.data.block_size > cfg.model.block_size:
         raise ConfigError(
             f"data.block_size={cfg.data.block_size} is longer than the model's context, model.block_size="

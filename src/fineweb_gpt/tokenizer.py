@@ -1,8 +1,13 @@
-"""GPT-2 byte-pair encoding through tiktoken, with no network.
+"""GPT-2 byte-pair encoding through tiktoken, with no network; document text is always plain text.
 
 tiktoken's own get_encoding("gpt2") downloads its ranks at first use, which fails offline
 and on clusters without internet. The ranks ship inside this package instead, and their
 sha256 is checked so a damaged or substituted file cannot silently change every token id.
+
+Documents are encoded with encode_text: a web page that quotes "<|endoftext|>" gets the
+ordinary tokens of those characters (tiktoken's encode() would refuse the page, and
+allowing the special would plant a fake separator). Only the data pipeline's own separator
+after each document is END_OF_TEXT_ID.
 """
 
 import base64
@@ -11,6 +16,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
 
@@ -63,3 +69,8 @@ def load_gpt2_encoding(ranks_path: str | Path | None = None) -> tiktoken.Encodin
 def gpt2_tokenizer() -> tiktoken.Encoding:
     """The bundled GPT-2 encoding, built once per process (each DataLoader worker too)."""
     return load_gpt2_encoding()
+
+
+def encode_text(text: str) -> np.ndarray:
+    """A document's token ids (uint32), reading any special-token string in it as plain text."""
+    return gpt2_tokenizer().encode_to_numpy(text, disallowed_special=())

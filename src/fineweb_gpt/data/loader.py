@@ -1,0 +1,21 @@
+"""The one place every training and validation DataLoader is made.
+
+What all DataLoader workers must do (e.g. how they treat stop signals) is set here once,
+through worker_init_fn, for every data source.
+"""
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def make_loader(dataset: Dataset, *, num_workers: int = 0, batch_size: int | None = None, worker_init_fn=None):
+    """A DataLoader over `dataset` in its own order: training streams batch themselves (batch_size=None)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        worker_init_fn=worker_init_fn,
+    )

@@ -1,0 +1,152 @@
+"""fineweb-gpt-tokenize: parquet files, folders or Hub files -> llm.c-format token shards.
+
+    fineweb-gpt-tokenize /data/fineweb --out /data/fineweb_tokens
+    fineweb-gpt-tokenize --hf-repo HuggingFaceFW/fineweb --hf-files 'sample/10BT/*.parquet' --out /data/sample10BT
+    python -m fineweb_gpt.train data=token_shards data.paths=/data/fineweb_tokens
+
+Documents are held out exactly as training holds them out (the same --val-fraction as
+data.val_fraction holds out the same documents) and written, in file order, to
+val_000000.bin; the others go, in file order, to train_000000.bin, train_000001.bin, ... of
+--shard-tokens tokens each. Every document is plain text followed by <|endoftext|>, as in
+training. One process per core tokenizes the row groups; the shards come out the same
+whatever the number of processes.
+"""
+
+import argparse
+import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from fineweb_gpt.data.holdout import document_keys, is_validation_document
+from fineweb_gpt.data.hub_files import download_hub_files
+from fineweb_gpt.data.parquet_files import ParquetInfo, expand_paths, inspect_parquet, reading
+from fineweb_gpt.data.token_shards import TOKEN_DTYPE, ShardWriter
+from fineweb_gpt.data.tokens import tokenize_documents
+from fineweb_gpt.errors import ConfigError, exit_with
+
+MAX_SHARD_TOKENS = 2**31 - 1  # the header's count is an int32
+
+
+def tokenize_row_group(info: ParquetInfo, group: int, text_column: str, val_fraction: float):
+    """(training tokens, held-out tokens, rows) of one row group, as uint16."""
+    columns = [text_column] + (["id"] if info.has_id else [])
+    with reading(info.path):
+        table = pq.ParquetFile(info.path).read_row_group(group, columns=columns)
+    texts = table.column(text_column).to_pylist()
+    ids = table.column("id").to_pylist() if info.has_id else None
+    keys = document_keys(ids, info.path, sum(info.row_group_rows[:group]), len(texts))
+    held_out = [is_validation_document(k, val_fraction) for k in keys]
+    train = tokenize_documents([t for t, h in zip(texts, held_out) if t and not h])
+    val = tokenize_documents([t for t, h in zip(texts, held_out) if t and h])
+    return train.astype(TOKEN_DTYPE), val.astype(TOKEN_DTYPE), len(texts)
+
+
+def in_order(tasks: list[tuple], workers: int):
+    """tokenize_row_group(*task) for each task, in order, with at most 2 x workers in flight."""
+    if workers <= 1:
+        yield from (tokenize_row_group(*task) for task in tasks)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        pending = deque()
+        for task in tasks:
+            pending.append(pool.submit(tokenize_row_group, *task))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class TrainShards:
+    """train_000000.bin, train_000001.bin, ...: a new shard every shard_tokens tokens."""
+
+    def __init__(self, out: Path, shard_tokens: int):
+        self.out, self.shard_tokens = out, shard_tokens
+        self.written: list[Path] = []
+        self.writer: ShardWriter | None = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self.writer is None:
+                self.writer = ShardWriter(self.out / f"train_{len(self.written):06d}.bin")
+            room = self.shard_tokens - self.writer.count
+            self.writer.write(tokens[:room])
+            tokens = tokens[room:]
+            if self.writer.count == self.shard_tokens:
+                self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.written.append(self.writer.close())
+            self.writer = None
+
+
+def tokenize_files(infos, out: Path, text_column: str, val_fraction: float, shard_tokens: int, workers: int):
+    """Write the shards; returns (training shards, validation shard, training tokens, held-out tokens)."""
+    tasks = [(info, g, text_column, val_fraction) for info in infos for g in range(len(info.row_group_rows))]
+    train = TrainShards(out, shard_tokens)
+    val = ShardWriter(out / "val_000000.bin")
+    train_tokens = 0
+    with tqdm(total=sum(info.num_rows for info in infos), unit=" docs", desc="tokenizing") as bar:
+        for train_part, val_part, rows in in_order(tasks, workers):
+            train.write(train_part)
+            val.write(val_part)
+            train_tokens += len(train_part)
+            bar.update(rows)
+    train.close()
+    held_out = val.count
+    return train.written, val.close(), train_tokens, held_out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="fineweb-gpt-tokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("inputs", nargs="*", help="parquet files, folders or globs")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the .bin shards (new or empty)")
+    parser.add_argument("--hf-repo", help="a Hugging Face dataset repository, e.g. HuggingFaceFW/fineweb")
+    parser.add_argument("--hf-files", nargs="+", help="patterns of its files, e.g. 'sample/10BT/*.parquet'")
+    parser.add_argument("--cache-dir", help="where Hub files are cached (default: the Hugging Face cache)")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--val-fraction", type=float, default=0.005, help="documents held out (as data.val_fraction)")
+    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per training shard")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
+    args = parser.parse_args(argv)
+    try:
+        if not 0.0 < args.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction {args.val_fraction} must be between 0 and 1, e.g. 0.005")
+        if not 0 < args.shard_tokens <= MAX_SHARD_TOKENS:
+            raise ConfigError(f"--shard-tokens {args.shard_tokens} must be between 1 and {MAX_SHARD_TOKENS}")
+        if bool(args.hf_repo) != bool(args.hf_files):
+            raise ConfigError(
+                "--hf-repo and --hf-files go together, e.g. --hf-repo HuggingFaceFW/fineweb "
+                "--hf-files 'sample/10BT/000_00000.parquet'"
+            )
+        if not args.inputs and not args.hf_repo:
+            raise ConfigError("nothing to tokenize: give parquet files, folders or globs, or --hf-repo with --hf-files")
+        files = expand_paths(args.inputs, ".parquet", "the inputs")
+        if args.hf_repo:
+            files += download_hub_files(args.hf_repo, args.hf_files, args.cache_dir)
+        infos = [inspect_parquet(f, args.text_column) for f in files]
+        if args.out.exists() and any(args.out.glob("*.bin")):
+            raise ConfigError(f"{args.out} already holds .bin shards; choose a new or empty --out folder")
+        args.out.mkdir(parents=True, exist_ok=True)
+        workers = max(1, min(args.workers, sum(len(i.row_group_rows) for i in infos)))
+        shards, val, train_tokens, val_tokens = tokenize_files(
+            infos, args.out, args.text_column, args.val_fraction, args.shard_tokens, workers
+        )
+    except ConfigError as err:
+        exit_with(err)
+    print(
+        f"wrote {train_tokens:,} training tokens in {len(shards)} shard(s) and {val_tokens:,} held-out tokens "
+        f"({val.name}) to {args.out}\ntrain on them: python -m fineweb_gpt.train data=token_shards "
+        f"data.paths={args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,7 @@ training; the first val_tokens of them form a fixed set scored at every evaluati
 import fnmatch
 import glob
 import logging
+import math
 import os
 import zlib
 from contextlib import contextmanager
@@ -396,14 +397,15 @@ class FineWebDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         text_column: str = "text",
         val_fraction: float = 0.005,
-        val_tokens: int = 1_048_576,
+        val_tokens: int | None = 1_048_576,  # None: every held-out token
         num_workers: int = 2,
         rows_per_chunk: int = 1024,
         seed: int = 1337,
     ):
         super().__init__()
-        if not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.005)")
+        # 1 holds out every document: nothing to train on, but a whole file to score (fineweb_gpt.evaluate).
+        if not 0.0 < val_fraction <= 1.0:
+            raise ConfigError(f"data.val_fraction={val_fraction} must be above 0 and at most 1 (e.g. 0.005)")
         if bool(hf_repo) != bool(hf_files):
             raise ConfigError(
                 "data.hf_repo and data.hf_files go together, e.g. data.hf_repo=HuggingFaceFW/fineweb "
@@ -437,6 +439,8 @@ class FineWebDataModule(L.LightningDataModule):
         return [info.path for info in self.infos]
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and self.val_fraction >= 1.0:
+            raise ConfigError("data.val_fraction=1 holds out every document, leaving none to train on; use e.g. 0.005")
         if self.val_windows is not None:
             return
         if self.infos is None:
@@ -453,7 +457,7 @@ class FineWebDataModule(L.LightningDataModule):
 
     def read_validation_tokens(self) -> np.ndarray:
         """Tokens of held-out documents in file order, up to val_tokens windows' worth."""
-        wanted = -(-self.val_tokens // self.block_size) * (self.block_size + 1)
+        wanted = math.inf if self.val_tokens is None else -(-self.val_tokens // self.block_size) * (self.block_size + 1)
         parts, total = [], 0
         for info in self.infos:
             parquet = pq.ParquetFile(info.path)

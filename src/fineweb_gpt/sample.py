@@ -118,7 +118,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[GPT, dict]:
     if not is_file:
         raise ConfigError(f"ckpt={path} does not exist; give a checkpoint such as <run folder>/checkpoints/last.ckpt")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file fails inside the unpickler in many ways (IndexError, EOFError, ...)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"ckpt={path} is not a readable checkpoint ({reason}); give a .ckpt from training") from err

@@ -91,7 +91,7 @@ def write_parquet(path: Path, texts: list[str]) -> None:
 
 
 def test_split_all_scores_every_document_of_a_parquet_file(trained_run, tmp_path):
-    texts = pq.read_table(bundled_sample_path(), columns=["text"]).column("text").to_pylist()[100:112]
+    texts = pq.read_table(bundled_sample_path(), columns=["text"]).column("text").to_pylist()[100:106]
     data_file = tmp_path / "never_trained_on.parquet"
     write_parquet(data_file, texts)
     out = tmp_path / "scores" / "held_out.json"
@@ -133,6 +133,7 @@ def test_bad_input_is_refused_before_any_scoring(compose_eval, trained_run, tmp_
         (): "ckpt is required",
         (f"ckpt={tmp_path / 'none.ckpt'}",): f"ckpt={tmp_path / 'none.ckpt'} does not exist",
         (f"ckpt={damaged}",): f"ckpt={damaged} is not a readable checkpoint",
+        (f"ckpt={tmp_path}",): f"ckpt={tmp_path} is a folder",
         (f"ckpt={ckpt}", "data=single_parquet"): "data.path has no value",
         (f"ckpt={ckpt}", "data=single_parquet", f"data.path={tmp_path}/no.parquet"): "no.parquet does not exist",
         (f"ckpt={ckpt}", "data.block_size=64"): "data.block_size=64 must be a whole number from 1 to the checkpoint's",

@@ -51,7 +51,7 @@ def check_options(cfg: DictConfig) -> tuple[str, Path]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     ckpt = Path(str(cfg.ckpt))
     out = Path(str(cfg.out)) if cfg.out else ckpt.with_name(f"{ckpt.stem}.eval.json")
-    if not os.access(out.parent if str(out.parent) else ".", os.W_OK):
+    if not os.access(out.parent, os.W_OK):
         raise ConfigError(f"cannot write {out} (its folder is missing or read-only); give out=PATH")
     return device, out
 

@@ -112,11 +112,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[GPT, dict]:
     after checking that it is whole, names the bundled tokenizer and holds finite weights."""
     path = Path(path)
     try:
-        is_file = path.is_file()
+        is_file, is_folder = path.is_file(), path.is_dir()
     except OSError as err:  # a name too long for the filesystem, a folder we may not enter, ...
         raise ConfigError(f"ckpt={path} cannot be read ({err.strerror}); give a .ckpt from training") from err
     if not is_file:
-        raise ConfigError(f"ckpt={path} does not exist; give a checkpoint such as <run folder>/checkpoints/last.ckpt")
+        what = "is a folder" if is_folder else "does not exist"
+        raise ConfigError(f"ckpt={path} {what}; give a checkpoint such as <run folder>/checkpoints/last.ckpt")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file fails inside the unpickler in many ways (IndexError, EOFError, ...)

@@ -5,9 +5,11 @@ the token embedding tied to the output head, and attention through PyTorch's
 scaled_dot_product_attention (flash or memory-efficient kernels where available).
 arch="modern": the same skeleton with what later models found learns more per token:
 rotary position embeddings instead of learned ones, RMSNorm, a SwiGLU MLP sized to the GELU
-MLP's parameter count, RMSNorm on queries and keys (QK-norm), and no biases.
-Generation keeps each layer's keys and values in a KVCache, so a new token does not
-recompute the whole prefix.
+MLP's parameter count, RMSNorm on queries and keys (QK-norm), and no biases. The two differ
+only in the components chosen once, by parts_for(config), just before Block.
+Compiled training fuses the output head with the loss (fused_head_loss.py). Generation
+keeps each layer's keys and values in a KVCache, so a new token does not recompute the
+whole prefix.
 """
 
 import math

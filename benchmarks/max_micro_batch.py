@@ -3,6 +3,7 @@
 Each candidate runs a few real training steps (bf16 autocast forward, backward, fused AdamW
 step) in a fresh process whose PyTorch allocator is capped with
 torch.cuda.set_per_process_memory_fraction, so a big GPU can stand in for a smaller card.
+It needs a CUDA GPU: on other machines it says so in one line and exits with status 2.
 
     python benchmarks/max_micro_batch.py --model 124m --memory-gb 11
 """
@@ -12,13 +13,14 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from fineweb_gpt.config_files import load_option
+from fineweb_gpt.errors import ConfigError, exit_with, one_line
 
 
 def trial(model: str, micro_batch: int, memory_gb: float, compile_model: bool) -> dict:
     """Train 3 steps at this micro-batch under the memory cap; report peak memory or OOM."""
-    import torch
-
     from fineweb_gpt.lit_module import GPTLightningModule
     from fineweb_gpt.model import compile_gpt
 
@@ -56,6 +58,8 @@ def main() -> None:
     if args.trial is not None:
         print(json.dumps(trial(args.model, args.trial, args.memory_gb, args.compile)))
         return
+    if not torch.cuda.is_available():
+        exit_with(ConfigError("max_micro_batch.py measures GPU memory and this machine has no CUDA GPU; run it on one"))
 
     best = None
     for micro_batch in (int(c) for c in args.candidates.split(",")):
@@ -64,13 +68,16 @@ def main() -> None:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr[-2000:], file=sys.stderr)
-            break
+            exit_with(RuntimeError(f"the trial at micro_batch={micro_batch} failed: {one_line(done.stderr)}"), 1)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         peak = f"{result['peak_gib']:.2f} GiB" if result["fits"] else "out of memory"
         print(f"model={args.model} compile={args.compile} micro_batch={micro_batch}: {peak}", flush=True)
         if not result["fits"]:
             break
         best = micro_batch
+    if best is None:
+        too_big = f"no micro-batch of {args.candidates} fits model={args.model} in {args.memory_gb} GiB"
+        exit_with(RuntimeError(f"{too_big}; try smaller --candidates or a larger --memory-gb"), 1)
     print(f"largest micro-batch for model={args.model} within {args.memory_gb} GiB (compile={args.compile}): {best}")
 
 

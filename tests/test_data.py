@@ -343,8 +343,8 @@ def test_no_data_given_is_refused_instead_of_silently_using_the_sample():
         ("data.block_size=abc", "data.block_size='abc' is not a whole number"),
         ("data.num_workers=-1", "data.num_workers=-1 must be at least 0; DataLoader workers per device"),
         ("data.rows_per_chunk=0", "data.rows_per_chunk=0 must be at least 1; rows tokenized and shuffled together"),
-        ("data.val_fraction=0", "data.val_fraction=0 must be a fraction between 0 and 1"),
-        ("data.val_fraction=1.5", "data.val_fraction=1.5 must be a fraction between 0 and 1"),
+        ("data.val_fraction=0", "data.val_fraction=0 must be a fraction above 0 and at most 1"),
+        ("data.val_fraction=1.5", "data.val_fraction=1.5 must be a fraction above 0 and at most 1"),
         ("data.val_tokens=0", "data.val_tokens=0 must be at least 1"),
     ],
 )

@@ -1,11 +1,14 @@
+import io
 import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from fineweb_gpt.data import bundled_sample_path, read_documents, tokenize_documents
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.model import GPT, GPTConfig, HeadCrossEntropy, compile_gpt
+from fineweb_gpt.fused_head_loss import HeadCrossEntropy
+from fineweb_gpt.model import GPT, GPTConfig, compile_gpt
 
 
 @pytest.mark.parametrize("preset, millions", [("40m", 40.56), ("124m", 123.59)])
@@ -57,6 +60,124 @@ def test_logits_shape_and_causality():
     logits_changed, _ = model(changed)
     torch.testing.assert_close(logits[:, :-1], logits_changed[:, :-1])
     assert not torch.allclose(logits[:, -1], logits_changed[:, -1])
+
+
+# Small enough to check by hand: width 32, 2 heads of 16, 2 layers, context 16, vocabulary 96.
+C, HEAD, LAYERS, T, V = 32, 16, 2, 16, 96
+SMALL_ARCHS = {
+    "gpt2": dict(arch="gpt2"),
+    "gpt2 with biases": dict(arch="gpt2", bias=True),
+    "modern": dict(arch="modern"),
+}
+
+
+def small_gpt(seed: int = 0, **arch) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=LAYERS, n_head=C // HEAD, n_embd=C, **arch)).eval()
+
+
+def documented_layout(arch: str, bias: bool) -> dict[str, tuple[int, ...]]:
+    """The weights a checkpoint holds (under "model." in a Lightning checkpoint), by name and shape:
+    checkpoints written by earlier versions load only while these stay the same."""
+    layout = {"token_embedding.weight": (V, C), "ln_final.weight": (C,), "lm_head.weight": (V, C)}
+    block = {
+        "ln_attn.weight": (C,),
+        "attn.qkv.weight": (3 * C, C),
+        "attn.out_proj.weight": (C, C),
+        "ln_mlp.weight": (C,),
+    }
+    if arch == "gpt2":
+        layout["position_embedding.weight"] = (T, C)
+        block |= {"mlp.up.weight": (4 * C, C), "mlp.down.weight": (C, 4 * C)}
+        if bias:
+            biases = {"ln_attn.bias": C, "attn.qkv.bias": 3 * C, "attn.out_proj.bias": C, "ln_mlp.bias": C}
+            block |= {name: (size,) for name, size in biases.items()}
+            block |= {"mlp.up.bias": (4 * C,), "mlp.down.bias": (C,)}
+            layout["ln_final.bias"] = (C,)
+    else:  # SwiGLU at width 32 is 64 wide (rounded up to the 64 the kernels like); QK-norm gains per head size
+        block |= {"attn.q_norm.weight": (HEAD,), "attn.k_norm.weight": (HEAD,)}
+        block |= {"mlp.gate.weight": (64, C), "mlp.up.weight": (64, C), "mlp.down.weight": (C, 64)}
+    for layer in range(LAYERS):
+        layout |= {f"blocks.{layer}.{name}": shape for name, shape in block.items()}
+    return layout
+
+
+@pytest.mark.parametrize("arch", SMALL_ARCHS.values(), ids=SMALL_ARCHS.keys())
+def test_state_dict_keeps_the_documented_checkpoint_layout(arch):
+    shapes = {name: tuple(t.shape) for name, t in small_gpt(**arch).state_dict().items()}
+    assert shapes == documented_layout(arch["arch"], arch.get("bias", False))
+
+
+@pytest.mark.parametrize("arch", SMALL_ARCHS.values(), ids=SMALL_ARCHS.keys())
+def test_saved_weights_give_a_fresh_model_the_same_predictions(arch):
+    saved, fresh = small_gpt(seed=0, **arch), small_gpt(seed=1, **arch)
+    tokens = torch.randint(0, V, (2, T + 1))
+    expected_logits, expected_loss = saved(tokens[:, :-1], tokens[:, 1:])
+    assert not torch.equal(fresh(tokens[:, :-1])[0], expected_logits)  # a different seed predicts otherwise
+    buffer = io.BytesIO()
+    torch.save(saved.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    logits, loss = fresh(tokens[:, :-1], tokens[:, 1:])
+    assert torch.equal(logits, expected_logits) and torch.equal(loss, expected_loss)
+    generator = torch.Generator()
+    samples = [m.generate(tokens[:, :3], 20, generator=generator.manual_seed(3)) for m in (saved, fresh)]
+    assert torch.equal(*samples)
+
+
+def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The forward pass written out from the architecture's description, with the weights read
+    by their checkpoint names: what the model must compute, independently of how it is built."""
+    w, arch, (batch, seq) = model.state_dict(), model.config.arch, idx.shape
+    n_head = C // HEAD
+
+    def norm(x, name):
+        if arch == "gpt2":
+            return F.layer_norm(x, (x.size(-1),), w[f"{name}.weight"], w.get(f"{name}.bias"), eps=1e-5)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps) * w[f"{name}.weight"]
+
+    def linear(x, name):
+        return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+    def rotate(x):  # each pair (i, i + HEAD/2) turned by position * 10000^(-2i/HEAD), as complex numbers
+        angles = torch.arange(seq)[:, None] * 10000.0 ** (-torch.arange(0, HEAD, 2) / HEAD)
+        turned = torch.complex(x[..., : HEAD // 2], x[..., HEAD // 2 :]) * torch.polar(torch.ones_like(angles), angles)
+        return torch.cat((turned.real, turned.imag), dim=-1)
+
+    x = w["token_embedding.weight"][idx]
+    if arch == "gpt2":
+        x = x + w["position_embedding.weight"][:seq]
+    for layer in range(LAYERS):
+        b = f"blocks.{layer}"
+        q, k, v = linear(norm(x, f"{b}.ln_attn"), f"{b}.attn.qkv").split(C, dim=-1)
+        q, k, v = (t.view(batch, seq, n_head, HEAD).transpose(1, 2) for t in (q, k, v))
+        if arch == "modern":
+            q, k = rotate(norm(q, f"{b}.attn.q_norm")), rotate(norm(k, f"{b}.attn.k_norm"))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(HEAD)
+        scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), -math.inf)
+        attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, seq, C)
+        x = x + linear(attended, f"{b}.attn.out_proj")
+        h = norm(x, f"{b}.ln_mlp")
+        if arch == "gpt2":
+            h = F.gelu(linear(h, f"{b}.mlp.up"))
+        else:
+            h = F.silu(linear(h, f"{b}.mlp.gate")) * linear(h, f"{b}.mlp.up")
+        x = x + linear(h, f"{b}.mlp.down")
+    return norm(x, "ln_final") @ w["token_embedding.weight"].t()  # the head is the tied embedding
+
+
+@pytest.mark.parametrize("arch", SMALL_ARCHS.values(), ids=SMALL_ARCHS.keys())
+def test_forward_computes_the_documented_architecture(arch):
+    model = small_gpt(**arch)
+    with torch.no_grad():  # gains start at one and biases at zero: move them, so that misplacing one shows
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p), alpha=0.1)
+    tokens = torch.randint(0, V, (2, T + 1))
+    logits, loss = model(tokens[:, :-1], tokens[:, 1:])
+    expected = reference_logits(model, tokens[:, :-1])
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert loss.item() == pytest.approx(F.cross_entropy(expected.view(-1, V), tokens[:, 1:].reshape(-1)).item(), 1e-5)
 
 
 def test_sequence_longer_than_block_size_is_refused():

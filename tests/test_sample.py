@@ -1,11 +1,19 @@
+import os
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+
 import lightning as L
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.model import GPT, GPTConfig, KVCache
-from fineweb_gpt.sample import generate_samples, load_model, main
+from fineweb_gpt.sample import DEFAULTS, MAX_NEW_TOKENS, generate_samples, load_model, main
 from fineweb_gpt.tokenizer import gpt2_tokenizer
 from helpers import quiet_cpu_trainer
 
@@ -83,14 +91,6 @@ def test_greedy_generation_with_cache_equals_recomputation():
     assert len(set(cached[0, 5:].tolist())) > 1  # not one token repeated: the comparison means something
 
 
-def test_training_forward_is_unchanged_by_the_cache_code():
-    model = tiny_gpt()
-    tokens = torch.randint(0, 50257, (2, 16))
-    logits, loss = model(tokens, tokens)
-    assert logits.shape == (2, 16, 50304)
-    assert torch.equal(logits, model.lm_head(model.hidden_states(tokens)))
-
-
 def test_padding_rows_are_never_sampled():
     model = tiny_gpt()
     with torch.no_grad():
@@ -100,7 +100,9 @@ def test_padding_rows_are_never_sampled():
 
 
 def one_line_error(capsys, *args: str) -> str:
-    assert main(list(args)) == 2
+    with pytest.raises(SystemExit) as exit:
+        main(list(args))
+    assert exit.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     return err
@@ -126,9 +128,103 @@ def test_checkpoint_with_another_tokenizer_is_refused(memorised_checkpoint, tmp_
     assert "tokenizer ranks sha256 " + "0" * 64 in err
 
 
+def test_checkpoint_with_non_finite_weights_is_refused(memorised_checkpoint, tmp_path, capsys):
+    checkpoint = torch.load(memorised_checkpoint, weights_only=True)
+    checkpoint["state_dict"]["model.ln_final.weight"][3] = float("nan")
+    damaged = tmp_path / "damaged.ckpt"
+    torch.save(checkpoint, damaged)
+    err = one_line_error(capsys, f"ckpt={damaged}")
+    assert f"ckpt={damaged} holds non-finite weights (nan or inf in ln_final.weight)" in err
+
+
 @pytest.mark.parametrize(
     "arg, culprit",
-    [("temperature=0", "temperature=0.0 must be above 0"), ("top_k=many", "top_k='many'"), ("length=5", "'length=5'")],
+    [
+        ("temperature=0", "temperature='0' must be a number from 0.001 to 100"),
+        ("top_k=many", "top_k='many' must be a whole number from 1 to"),
+        ("length=5", "'length=5' is not an option"),
+        ("num_samples=1e6", "num_samples='1e6' must be a whole number from 1 to 100;"),
+        ("seed=-1", "seed='-1' must be a whole number from 0 to 18,446,744,073,709,551,615"),
+        ("device=tpu", "device='tpu' is not one of auto, cpu, cuda"),
+    ],
 )
 def test_bad_options_are_one_line(tmp_path, capsys, arg, culprit):
     assert culprit in one_line_error(capsys, f"ckpt={tmp_path / 'x.ckpt'}", arg)
+
+
+@pytest.mark.parametrize(
+    "arg, culprit",
+    [
+        ("max_new_tokens=1e20", "max_new_tokens='1e20' must be a whole number from 1 to 100,000"),
+        ("temperature=nan", "temperature='nan' must be a number from 0.001 to 100"),
+    ],
+)
+def test_absurd_values_are_refused_at_once_from_the_command_line(memorised_checkpoint, tmp_path, arg, culprit):
+    # Once, max_new_tokens=1e20 generated until killed and temperature=nan crashed in torch.multinomial.
+    offline = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "fineweb_gpt.sample", f"ckpt={memorised_checkpoint}", arg]
+    done = subprocess.run(command, cwd=tmp_path, env=offline, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and culprit in done.stderr
+
+
+class Hang(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise Hang in the test if the block runs longer than this."""
+
+    def fire(signum, frame):
+        raise Hang(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def slow_but_valid(option: str, value: str) -> bool:
+    """A valid max_new_tokens above 64: it would run, only for longer than a unit test should."""
+    try:
+        number = float(value)
+    except ValueError:
+        return False
+    return option == "max_new_tokens" and 64 < number <= MAX_NEW_TOKENS
+
+
+OPTION_VALUES = st.one_of(
+    st.text(st.characters(blacklist_characters="\x00")),  # a command line cannot hold a NUL
+    st.integers(-(2**70), 2**70).map(str),
+    st.floats().map(str),  # nan, inf and -inf included
+    st.sampled_from(["1e20", "-0", "0.0", "1e-30", "null", "None", "cuda", " 7 ", "2**8", "1_000", "0x10", ""]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(option=st.sampled_from(list(DEFAULTS)), value=OPTION_VALUES)
+@example(option="max_new_tokens", value="1e20")
+@example(option="temperature", value="nan")
+@example(option="num_samples", value=str(10**30))
+@example(option="ckpt", value="x" * 5000)  # longer than a file name may be
+def test_any_option_value_samples_or_is_refused_in_one_line(memorised_checkpoint, capsys, option, value):
+    assume(not slow_but_valid(option, value))
+    options = {"ckpt": str(memorised_checkpoint), "num_samples": "2", "max_new_tokens": "3", "device": "cpu"}
+    options[option] = value
+    with time_limit(60):
+        try:
+            code = main([f"{key}={value}" for key, value in options.items()])
+        except SystemExit as exit:
+            code = exit.code
+    out, err = capsys.readouterr()
+    if code == 0:
+        samples = out.split("---------------\n")
+        wanted = int(float(options["num_samples"])) if option == "num_samples" else 2
+        assert err == "" and len(samples) == wanted + 1 and samples[-1] == ""
+    else:
+        assert code == 2 and out == ""
+        assert err.startswith("error: ") and err.count("\n") == 1 and (f"{option}=" in err or f"{option} " in err)

@@ -8,7 +8,9 @@ place that knows which.
 from functools import cache
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from fineweb_gpt.errors import ConfigError
 
@@ -35,6 +37,16 @@ def load_option(group: str, option: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{group}={option} is not a {group} option; choose one of {', '.join(group_options(group))}")
     return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def build(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, letting the constructor's one-line ConfigError through unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
 
 
 def hydra_choices() -> dict:

@@ -5,13 +5,17 @@ the token embedding tied to the output head, and attention through PyTorch's
 scaled_dot_product_attention (flash or memory-efficient kernels where available).
 arch="modern": the same skeleton with what later models found learns more per token:
 rotary position embeddings instead of learned ones, RMSNorm, a SwiGLU MLP sized to the GELU
-MLP's parameter count, RMSNorm on queries and keys (QK-norm), and no biases.
-Generation keeps each layer's keys and values in a KVCache, so a new token does not
-recompute the whole prefix.
+MLP's parameter count, RMSNorm on queries and keys (QK-norm), and no biases. The two differ
+only in the components chosen once, by parts_for(config), just before Block.
+Compiled training fuses the output head with the loss (fused_head_loss.py). Generation
+keeps each layer's keys and values in a KVCache, so a new token does not recompute the
+whole prefix.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from itertools import repeat
 
 import torch
@@ -19,7 +23,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.fused_head_loss import LOSS_CHUNK_ROWS, HeadCrossEntropy
 from fineweb_gpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
+
+Norm = Callable[[int], nn.Module]  # width -> a normalisation layer (LayerNorm or RMSNorm)
 
 
 @dataclass
@@ -94,11 +101,6 @@ class KVCache:
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
 
-def norm(config: GPTConfig, width: int | None = None) -> nn.Module:
-    width = width or config.n_embd
-    return nn.RMSNorm(width) if config.arch == "modern" else nn.LayerNorm(width, bias=config.bias)
-
-
 class Rotary(nn.Module):
     """Rotary position embedding: each pair of a query's (or key's) dimensions is turned by an
     angle that grows with the position, so attention scores depend on relative distance."""
@@ -120,7 +122,7 @@ class Rotary(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, rotary: Rotary | None = None):
+    def __init__(self, config: GPTConfig, rotary: Rotary | None = None, qk_norm: Norm | None = None):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
@@ -128,16 +130,19 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rotary = rotary  # shared by every block; None for learned position embeddings
-        if config.arch == "modern":  # QK-norm keeps attention logits from growing without bound
-            self.q_norm, self.k_norm = norm(config, config.head_size), norm(config, config.head_size)
+        self.qk_norm = qk_norm is not None  # keeps attention logits from growing without bound
+        if self.qk_norm:
+            self.q_norm, self.k_norm = qk_norm(config.head_size), qk_norm(config.head_size)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, width = x.shape
         # (batch, seq, 3 * width) -> three (batch, n_head, seq, head_size) tensors
         q, k, v = self.qkv(x).view(batch, seq, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             start = cache.length if cache is not None else 0
-            q, k = self.rotary(self.q_norm(q), start), self.rotary(self.k_norm(k), start)
+            q, k = self.rotary(q, start), self.rotary(k, start)
         if cache is None:
             dropout_p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -153,6 +158,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's MLP: down(gelu(up(x))), four times as wide inside."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.up = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
@@ -177,80 +184,47 @@ class SwiGLU(nn.Module):
         return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
 
 
+@dataclass(frozen=True)
+class Parts:
+    """The components in which the architectures differ; everything else is shared."""
+
+    norm: Norm  # width -> normalisation layer, before attention, before the MLP and at the end
+    mlp: type[nn.Module]
+    rotary: bool  # positions: rotary inside attention, or else learned embeddings added to the tokens
+    qk_norm: bool  # normalise queries and keys (with `norm`) before attention
+
+
+def parts_for(config: GPTConfig) -> Parts:
+    """The one place where model.arch chooses components."""
+    if config.arch == "modern":
+        return Parts(norm=nn.RMSNorm, mlp=SwiGLU, rotary=True, qk_norm=True)
+    return Parts(norm=partial(nn.LayerNorm, bias=config.bias), mlp=MLP, rotary=False, qk_norm=False)
+
+
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, rotary: Rotary | None = None):
+    def __init__(self, config: GPTConfig, parts: Parts, rotary: Rotary | None = None):
         super().__init__()
-        self.ln_attn = norm(config)
-        self.attn = CausalSelfAttention(config, rotary)
-        self.ln_mlp = norm(config)
-        self.mlp = SwiGLU(config) if config.arch == "modern" else MLP(config)
+        self.ln_attn = parts.norm(config.n_embd)
+        self.attn = CausalSelfAttention(config, rotary, parts.norm if parts.qk_norm else None)
+        self.ln_mlp = parts.norm(config.n_embd)
+        self.mlp = parts.mlp(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_attn(x), cache)
         return x + self.mlp(self.ln_mlp(x))
 
 
-def compile_gpt(model: "GPT", tuning: bool = False):
-    """torch.compile the model. tuning lets inductor time launch settings for each of its
-    fused kernels (coordinate descent): about 3% faster for 124m on an H100, for about three
-    more minutes of compiling the first time (the results are cached on disk)."""
-    return torch.compile(model, options={"coordinate_descent_tuning": True} if tuning else None)
-
-
-# Rows of logits the fused head + loss holds at once: 16384 x 50304 bf16 is 1.6 GB.
-LOSS_CHUNK_ROWS = 16384
-
-
-class HeadCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of hidden @ weight.T against targets, and its gradients, in one pass.
-
-    The plain head writes (tokens, vocab) logits, keeps them for the backward pass, then fills a
-    zero gradient of the same size and reads everything again: for 124m at micro-batch 64 that
-    is 6.6 GB moved several times per micro-batch. Here each chunk of rows is turned into
-    logits, loss and logit gradient at once, and the logit gradient goes straight into the
-    hidden-state and weight gradients; no logits outlive their chunk. Under torch.compile the
-    softmax arithmetic of a chunk fuses into one kernel. Matmuls follow autocast; the softmax
-    is in fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int):
-        rows = hidden.size(0)
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        grad_hidden = []
-        for start in range(0, rows, chunk_rows):
-            h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
-            logits = h @ weight.t()
-            logits32 = logits.float()
-            log_norm = torch.logsumexp(logits32, dim=-1)
-            loss_sum = loss_sum + (log_norm - logits32.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
-            # d(summed loss)/d(logits) = softmax - one_hot(target), within [-1, 1]; the division
-            # by rows for the mean comes after the matmuls, so fp16 does not flush it to zero.
-            is_target = torch.arange(logits.size(1), device=t.device) == t.unsqueeze(1)
-            grad_logits = (torch.exp(logits32 - log_norm.unsqueeze(1)) - is_target.float()).to(logits.dtype)
-            grad_hidden.append(grad_logits @ weight)
-            grad_weight = grad_weight + (grad_logits.t() @ h).float()
-        ctx.save_for_backward(torch.cat(grad_hidden).float().div_(rows).to(hidden.dtype), grad_weight.div_(rows))
-        return loss_sum / rows
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        parts = parts_for(config)
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        modern = config.arch == "modern"
-        self.position_embedding = None if modern else nn.Embedding(config.block_size, config.n_embd)
-        rotary = Rotary(config.head_size, config.block_size) if modern else None
+        self.position_embedding = None if parts.rotary else nn.Embedding(config.block_size, config.n_embd)
+        rotary = Rotary(config.head_size, config.block_size) if parts.rotary else None
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, rotary) for _ in range(config.n_layer))
-        self.ln_final = norm(config)
+        self.blocks = nn.ModuleList(Block(config, parts, rotary) for _ in range(config.n_layer))
+        self.ln_final = parts.norm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: the head reads tokens out with the same vectors that embed them.
         self.lm_head.weight = self.token_embedding.weight
@@ -344,3 +318,10 @@ class GPT(nn.Module):
             next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
             idx = torch.cat((idx, next_token), dim=1)
         return idx
+
+
+def compile_gpt(model: GPT, tuning: bool = False):
+    """torch.compile the model. tuning lets inductor time launch settings for each of its
+    fused kernels (coordinate descent): about 3% faster for 124m on an H100, for about three
+    more minutes of compiling the first time (the results are cached on disk)."""
+    return torch.compile(model, options={"coordinate_descent_tuning": True} if tuning else None)

@@ -2,18 +2,26 @@
 
     python -m fineweb_gpt.sample ckpt=outputs/2026-11-22/10-00-00/checkpoints/last.ckpt prompt="The meaning of"
 
-Options are key=value, like the training command line's: ckpt, prompt, num_samples,
-max_new_tokens, temperature, top_k (null: no cut-off), seed, device (auto, cpu, cuda).
+Options are key=value, like the training command line's:
+  ckpt            the checkpoint (required)
+  prompt          text to continue (default: empty, a new document)
+  num_samples     1 to 100 (default 3)
+  max_new_tokens  1 to 100,000 tokens per sample (default 200)
+  temperature     0.001 to 100 (default 0.8)
+  top_k           keep the k likeliest tokens, 1 or more; 1 is greedy, null no cut-off (default 200)
+  seed            0 to 2**64 - 1; the same seed gives the same samples (default 1337)
+  device          auto, cpu or cuda (default auto)
 The checkpoint alone is enough: the model config and the tokenizer's identity travel in it.
 """
 
+import math
 import sys
 from pathlib import Path
 
 import tiktoken
 import torch
 
-from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.errors import ConfigError, exit_with
 from fineweb_gpt.model import GPT, GPTConfig
 from fineweb_gpt.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, GPT2_RANKS_SHA256, gpt2_tokenizer
 
@@ -27,38 +35,71 @@ DEFAULTS = {
     "seed": 1337,
     "device": "auto",
 }
-INTEGER_OPTIONS = ("num_samples", "max_new_tokens", "top_k", "seed")
+# Bounds that keep one command finite: past block_size every new token costs a full forward
+# pass over the context, so 100,000 tokens is already hours for 124m on a CPU; the samples
+# are printed to be read, and each keeps its own KV cache (75 MB for 124m in fp32).
+MAX_NUM_SAMPLES = 100
+MAX_NEW_TOKENS = 100_000
+# Below 0.001 the logits divided by it can overflow to inf (and softmax to NaN); above 100
+# every token is about equally likely.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 100.0
+MAX_SEED = 2**64 - 1  # torch.Generator's range
+
+
+def whole_number(key: str, value, low: int, high: int, advice: str) -> int:
+    """value as an int in [low, high]; '2e3' is 2000. Anything else is refused, naming key and advice."""
+    refusal = ConfigError(f"{key}={value!r} must be a whole number from {low:,} to {high:,}; {advice}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise refusal from None
+        if not as_float.is_integer():  # nan and inf are not
+            raise refusal from None
+        number = int(as_float)
+    if not low <= number <= high:
+        raise refusal
+    return number
 
 
 def parse_options(args: list[str]) -> dict:
-    """key=value arguments over DEFAULTS, converted and checked."""
+    """key=value arguments over DEFAULTS, each checked by type and range: the one place the
+    sampler's options are validated, before anything is loaded."""
     options = dict(DEFAULTS)
     for arg in args:
         key, has_value, value = arg.partition("=")
         if not has_value or key not in DEFAULTS:
             raise ConfigError(f"{arg!r} is not an option; use key=value with key one of {', '.join(DEFAULTS)}")
         options[key] = value
-    if options["ckpt"] is None:
+    if not options["ckpt"]:
         raise ConfigError("ckpt is required: ckpt=outputs/<date>/<time>/checkpoints/last.ckpt")
-    if str(options["top_k"]).lower() in ("null", "none"):
+    options["num_samples"] = whole_number(
+        "num_samples", options["num_samples"], 1, MAX_NUM_SAMPLES, "for more, run again with another seed"
+    )
+    options["max_new_tokens"] = whole_number(
+        "max_new_tokens", options["max_new_tokens"], 1, MAX_NEW_TOKENS, "e.g. max_new_tokens=200"
+    )
+    if str(options["top_k"]).strip().lower() in ("null", "none"):
         options["top_k"] = None
-    for key in INTEGER_OPTIONS:
-        if options[key] is not None:
-            try:
-                options[key] = int(options[key])
-            except ValueError:
-                raise ConfigError(f"{key}={options[key]!r} must be a whole number") from None
+    else:
+        options["top_k"] = whole_number(
+            "top_k", options["top_k"], 1, sys.maxsize, "top_k=1 is greedy, top_k=null keeps every token"
+        )
+    options["seed"] = whole_number("seed", options["seed"], 0, MAX_SEED, "e.g. seed=1337")
     try:
-        options["temperature"] = float(options["temperature"])
-    except ValueError:
-        raise ConfigError(f"temperature={options['temperature']!r} must be a number such as 0.8") from None
-    if options["temperature"] <= 0:
-        raise ConfigError(f"temperature={options['temperature']} must be above 0; for greedy decoding use top_k=1")
-    for key in ("num_samples", "max_new_tokens", "top_k"):
-        if options[key] is not None and options[key] < 1:
-            raise ConfigError(f"{key}={options[key]} must be at least 1")
+        temperature = float(options["temperature"])
+    except (TypeError, ValueError):
+        temperature = math.nan
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:  # nan fails this too
+        raise ConfigError(
+            f"temperature={options['temperature']!r} must be a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE:g}, "
+            "e.g. temperature=0.8; for greedy decoding use top_k=1"
+        )
+    options["temperature"] = temperature
     if options["device"] not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device={options['device']} is not one of auto, cpu, cuda")
+        raise ConfigError(f"device={options['device']!r} is not one of auto, cpu, cuda")
     if options["device"] == "auto":
         options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     elif options["device"] == "cuda" and not torch.cuda.is_available():
@@ -66,13 +107,19 @@ def parse_options(args: list[str]) -> dict:
     return options
 
 
-def load_model(path: str | Path, device: str = "cpu") -> GPT:
-    """The GPT saved in a fineweb_gpt checkpoint, in eval mode, after checking its tokenizer."""
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[GPT, dict]:
+    """The GPT saved in a fineweb_gpt checkpoint, in eval mode, and the checkpoint itself,
+    after checking that it is whole, names the bundled tokenizer and holds finite weights."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt={path} does not exist; give a checkpoint such as <run folder>/checkpoints/last.ckpt")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        is_file, is_folder = path.is_file(), path.is_dir()
+    except OSError as err:  # a name too long for the filesystem, a folder we may not enter, ...
+        raise ConfigError(f"ckpt={path} cannot be read ({err.strerror}); give a .ckpt from training") from err
+    if not is_file:
+        what = "is a folder" if is_folder else "does not exist"
+        raise ConfigError(f"ckpt={path} {what}; give a checkpoint such as <run folder>/checkpoints/last.ckpt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file fails inside the unpickler in many ways (IndexError, EOFError, ...)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"ckpt={path} is not a readable checkpoint ({reason}); give a .ckpt from training") from err
@@ -90,8 +137,22 @@ def load_model(path: str | Path, device: str = "cpu") -> GPT:
     model = GPT(GPTConfig(**checkpoint["hyper_parameters"]["model_config"]))
     # The LightningModule holds the GPT as `model`, so its weights are saved under "model.".
     weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(weights)
-    return model.to(device).eval()
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"ckpt={path} holds weights that do not fit its own model config ({str(err).splitlines()[0]}); "
+            "give a checkpoint written by fineweb_gpt.train"
+        ) from err
+    damaged = next((name for name, w in weights.items() if not torch.isfinite(w).all()), None)
+    if damaged:
+        raise ConfigError(f"ckpt={path} holds non-finite weights (nan or inf in {damaged}); use an earlier checkpoint")
+    return model.to(device).eval(), checkpoint
+
+
+def load_model(path: str | Path, device: str = "cpu") -> GPT:
+    """The GPT saved in a fineweb_gpt checkpoint, in eval mode, after checking it (see load_checkpoint)."""
+    return load_checkpoint(path, device)[0]
 
 
 def generate_samples(
@@ -124,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_options(args)
         model = load_model(options["ckpt"], options["device"])
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        exit_with(err)
     samples = generate_samples(
         model,
         gpt2_tokenizer(),

@@ -9,13 +9,11 @@ import logging
 import hydra
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fineweb_gpt.callbacks import RunMonitor
 from fineweb_gpt.checkpointing import RunStopped, read_checkpoint, resume_checkpoint
-from fineweb_gpt.config_files import config_dir, hydra_choices, in_multirun, sweep_names
+from fineweb_gpt.config_files import build, config_dir, hydra_choices, in_multirun, sweep_names
 from fineweb_gpt.console import StepProgressBar, route_warnings_to_log
 from fineweb_gpt.errors import ConfigError, exit_with, one_line
 from fineweb_gpt.flops import human_count
@@ -26,16 +24,6 @@ from fineweb_gpt.plan import check_config, gradient_accumulation, out_of_memory_
 from fineweb_gpt.run_folder import write_result
 
 log = logging.getLogger("fineweb_gpt")
-
-
-def build(node: DictConfig, **kwargs):
-    """hydra.utils.instantiate, letting our one-line ConfigError through unwrapped."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
-        raise
 
 
 def train(cfg: DictConfig) -> float | None:

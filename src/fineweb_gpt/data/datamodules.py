@@ -74,6 +74,8 @@ class StreamDataModule(L.LightningDataModule):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and self.settings.val_fraction >= 1.0:
+            raise ConfigError("data.val_fraction=1 holds out every document, leaving none to train on; use e.g. 0.005")
         if self.val_windows is not None:
             return
         if self.trainer is not None:
@@ -159,7 +161,7 @@ class FineWebDataModule(StreamDataModule):
         cache_dir: str | None = None,
         text_column: str = "text",
         val_fraction: float = 0.005,
-        val_tokens: int = 1_048_576,
+        val_tokens: int | None = 1_048_576,
         num_workers: int = 2,
         rows_per_chunk: int = 1024,
         seed: int = 1337,
@@ -214,7 +216,7 @@ class HubStreamDataModule(StreamDataModule):
         revision: str | None = None,
         text_column: str = "text",
         val_fraction: float = 0.01,
-        val_tokens: int = 524_288,
+        val_tokens: int | None = 524_288,
         num_workers: int = 2,
         rows_per_chunk: int = 1024,
         seed: int = 1337,
@@ -276,7 +278,7 @@ class TokenShardDataModule(StreamDataModule):
         micro_batch_size: int,
         paths,
         val_paths=None,
-        val_tokens: int = 1_048_576,
+        val_tokens: int | None = 1_048_576,
         num_workers: int = 0,
         seed: int = 1337,
     ):

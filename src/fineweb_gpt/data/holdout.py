@@ -10,6 +10,7 @@ The validation set is the first val_tokens (rounded up to whole windows) of the 
 documents' tokens, in reading order: the same windows at every evaluation.
 """
 
+import sys
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,8 +34,10 @@ def document_keys(ids: list | None, path: Path, first_row: int, count: int) -> l
     return [f"{path.name}:{first_row + i}" for i in range(count)]
 
 
-def validation_tokens_wanted(val_tokens: int, block_size: int) -> int:
-    """val_tokens rounded up to whole windows of block_size + 1 tokens."""
+def validation_tokens_wanted(val_tokens: int | None, block_size: int) -> int:
+    """val_tokens rounded up to whole windows of block_size + 1 tokens; None: every held-out token."""
+    if val_tokens is None:
+        return sys.maxsize
     return -(-val_tokens // block_size) * (block_size + 1)
 
 

@@ -24,7 +24,7 @@ class DataSettings:
     micro_batch_size: int
     text_column: str = "text"
     val_fraction: float = 0.005
-    val_tokens: int = 1_048_576
+    val_tokens: int | None = 1_048_576  # None: every held-out token (scoring a whole file)
     num_workers: int = 2
     rows_per_chunk: int = 1024
     seed: int = 1337
@@ -37,16 +37,20 @@ class DataSettings:
             "it is the training sequence length in tokens (by default model.block_size), e.g. data.block_size=1024",
         )
         _whole("hw.micro_batch_size", self.micro_batch_size, 1, "windows per micro-batch, e.g. hw.micro_batch_size=8")
-        _whole("data.val_tokens", self.val_tokens, 1, "tokens scored at each evaluation, e.g. data.val_tokens=1048576")
+        if self.val_tokens is not None:
+            _whole(
+                "data.val_tokens", self.val_tokens, 1, "tokens scored at each evaluation, e.g. data.val_tokens=1048576"
+            )
         _whole("data.num_workers", self.num_workers, 0, "DataLoader workers per device (0: none)")
         _whole("data.rows_per_chunk", self.rows_per_chunk, 1, "rows tokenized and shuffled together, e.g. 1024")
         _whole("seed", self.seed, 0, "e.g. seed=1337")
         if not isinstance(self.text_column, str) or not self.text_column:
             raise ConfigError(f"data.text_column={self.text_column!r} must name the column holding the documents")
         fraction = self.val_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        # 1 holds out every document: nothing to train on (setup("fit") refuses it), a whole file to score.
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise ConfigError(
-                f"data.val_fraction={fraction!r} must be a fraction between 0 and 1 (of documents held out), "
+                f"data.val_fraction={fraction!r} must be a fraction above 0 and at most 1 (of documents held out), "
                 "e.g. data.val_fraction=0.005"
             )
 

@@ -1,0 +1,178 @@
+"""fineweb-gpt-eval ckpt=PATH: a checkpoint's loss and perplexity on any data the trainer reads.
+
+    fineweb-gpt-eval ckpt=outputs/2026-11-22/10-00-00/checkpoints/last.ckpt
+    python -m fineweb_gpt.evaluate ckpt=... data=single_parquet data.path=/data/held_out.parquet split=all
+
+split=val (the default) scores the source's held-out documents exactly as training evaluates
+them: the same windows, the same mean over them. So a run's checkpoint, scored on the run's
+data config, gives the run's last val/loss. split=all scores every document of the source.
+The model comes from the checkpoint alone; data.block_size is its context unless set.
+The result is printed on one line and written as JSON beside the checkpoint (or to out=PATH).
+"""
+
+import json
+import math
+import os
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from fineweb_gpt.config_files import build, config_dir
+from fineweb_gpt.errors import ConfigError, exit_with
+from fineweb_gpt.model import GPT
+from fineweb_gpt.sample import load_checkpoint
+
+SPLITS = {"val": "held-out documents", "all": "every document"}
+
+
+def check_options(cfg: DictConfig) -> tuple[str, Path]:
+    """The command's own options, checked before anything is read: (device, where the JSON goes)."""
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise ConfigError("ckpt is required: ckpt=outputs/<date>/<time>/checkpoints/last.ckpt")
+    missing = [key for key in cfg.data if OmegaConf.is_missing(cfg.data, key)]
+    if missing:
+        raise ConfigError(f"data.{missing[0]} has no value; set it on the command line, e.g. data.path=/data/x.parquet")
+    if cfg.split not in SPLITS:
+        raise ConfigError(f"split={cfg.split} is not one of val (held-out documents), all (every document)")
+    if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a whole number of at least 1, e.g. batch_size=8")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device} is not one of auto, cpu, cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but this machine has no CUDA GPU; use device=cpu")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    ckpt = Path(str(cfg.ckpt))
+    out = Path(str(cfg.out)) if cfg.out else ckpt.with_name(f"{ckpt.stem}.eval.json")
+    if not os.access(out.parent, os.W_OK):
+        raise ConfigError(f"cannot write {out} (its folder is missing or read-only); give out=PATH")
+    return device, out
+
+
+def set_data_options(data: DictConfig, split: str, context: int) -> None:
+    """The checkpoint's context as data.block_size unless the user set one; split=all holds out every document."""
+    if OmegaConf.is_interpolation(data, "block_size"):  # ${model.block_size}: this command has no model group
+        data.block_size = context
+    block_size = data.block_size
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= context:
+        raise ConfigError(
+            f"data.block_size={block_size} must be a whole number from 1 to the checkpoint's context, {context}; "
+            "leave it out to use the context"
+        )
+    if split == "all":
+        if "val_fraction" not in data:  # token shards keep their held-out tokens in shards of their own
+            raise ConfigError(
+                "split=all needs a source of documents (parquet or hf_stream); for token shards "
+                "score their validation shards whole with split=val data.val_tokens=null"
+            )
+        data.val_fraction, data.val_tokens = 1.0, None
+
+
+def describe_source(data: DictConfig) -> str:
+    if data.get("bundled_sample"):
+        return "the bundled sample"
+    if data.get("hf_repo"):
+        return f"{data.hf_repo}/{data.hf_files}"
+    if data.get("dataset"):  # data=hf_stream
+        name = f" ({data.name})" if data.get("name") else ""
+        return f"{data.dataset}{name}, {data.get('data_files') or data.split}"
+    paths = data.get("paths") or data.get("path")
+    return ", ".join(map(str, paths)) if OmegaConf.is_list(paths) else str(paths)
+
+
+@torch.no_grad()
+def score(model: GPT, batches, device: str, batch_size: int) -> tuple[float, int, int]:
+    """(mean loss over windows, windows, tokens per window) of (batch, block_size + 1) windows:
+    each batch's mean weighted by its windows, as Lightning averages training's val/loss."""
+    if device == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        autocast = torch.autocast("cuda", dtype=dtype)
+    else:
+        autocast = nullcontext()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    windows = block_size = 0
+    try:
+        with autocast:
+            for batch in tqdm(batches, desc="scoring", unit="batch", file=sys.stderr, dynamic_ncols=True):
+                batch = batch.to(device, non_blocking=True)
+                _, loss = model(batch[:, :-1], batch[:, 1:])
+                loss_sum += loss.double() * batch.size(0)
+                windows, block_size = windows + batch.size(0), batch.size(1) - 1
+    except torch.cuda.OutOfMemoryError as err:
+        raise ConfigError(f"CUDA out of memory at batch_size={batch_size}; use batch_size={batch_size // 2}") from err
+    if windows == 0:
+        raise ConfigError("the data gave no window to score; use more data or a smaller data.block_size")
+    return float(loss_sum) / windows, windows, block_size
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
+    """Score cfg.ckpt on cfg.data: the results, and the JSON file they were written to."""
+    device, out = check_options(cfg)
+    model, checkpoint = load_checkpoint(cfg.ckpt)
+    step = checkpoint.get("global_step")
+    del checkpoint  # optimizer state included: no need to hold it while scoring
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")  # as training does
+    model.to(device)
+    set_data_options(cfg.data, cfg.split, model.config.block_size)
+    datamodule = build(cfg.data, micro_batch_size=cfg.batch_size)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    loss, windows, block_size = score(model, datamodule.val_dataloader(), device, cfg.batch_size)
+    result = {
+        "checkpoint": str(Path(cfg.ckpt).resolve()),
+        "step": step,
+        "split": cfg.split,
+        "source": describe_source(cfg.data),
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),  # capped as the run's val/ppl is
+        "tokens": windows * block_size,
+        "windows": windows,
+        "block_size": block_size,
+        "device": device,
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+    }
+    write_json(out, result)
+    return result, out
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Written whole or not at all: a temporary file beside it, then renamed over it."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
+        try:
+            json.dump(result, file, indent=2)
+            file.write("\n")
+        except BaseException:
+            os.unlink(file.name)
+            raise
+    os.replace(file.name, path)
+
+
+def summary(result: dict, out: Path) -> str:
+    return (
+        f"{SPLITS[result['split']]} of {result['source']}: loss {result['loss']:.4f}, perplexity "
+        f"{result['perplexity']:.2f}, {result['tokens']:,} tokens in {result['windows']:,} windows of "
+        f"{result['block_size']} (checkpoint step {result['step']}) -> {out}"
+    )
+
+
+def main(cfg: DictConfig) -> None:
+    try:
+        result, out = evaluate(cfg)
+    except ConfigError as err:
+        exit_with(err)
+    print(summary(result, out))
+
+
+def cli() -> None:
+    """The console script and `python -m fineweb_gpt.evaluate`, from any folder."""
+    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")(main)()
+
+
+if __name__ == "__main__":
+    cli()

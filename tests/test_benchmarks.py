@@ -1,0 +1,25 @@
+"""The benchmark scripts, run as a user runs them, where this machine can."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the benchmark measures for real")
+def test_max_micro_batch_says_in_one_line_that_it_needs_a_gpu(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "max_micro_batch.py"), "--model", "tiny"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (
+        "error: max_micro_batch.py measures GPU memory and this machine has no CUDA GPU; run it on one\n"
+    )

@@ -235,3 +235,13 @@ class TornWrites(L.pytorch.plugins.TorchCheckpointIO):
         torch.save(checkpoint, buffer)
         Path(path).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordPrecision(L.Callback):
+    """Writes the precision Lightning trains in (its plugin's own setting) to `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        Path(self.path).write_text(f"{type(trainer.precision_plugin).__name__} {trainer.precision_plugin.precision}")

@@ -69,6 +69,57 @@ def test_an_invalid_combination_fails_alone_and_is_reported_by_name(tmp_path):
     assert "(model.n_embd=65) failed: model.n_embd=65 is not divisible" in result.stdout + result.stderr
 
 
+def run_choices(run_dir: Path) -> dict:
+    """Which option of each config group a run of a sweep composed, as Hydra recorded it."""
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices)
+
+
+def test_hydras_sweep_functions_work_on_config_groups(tmp_path):
+    result = run_cli("-m", *TINY, "model=choice(tiny,40m)", "optim=glob(*)", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = sweep_dir_of(tmp_path)
+    rows = read_table(sweep_dir)
+    assert sorted(r["overrides"] for r in rows) == sorted(
+        f"model={m} optim={o}" for m in ("tiny", "40m") for o in ("adamw", "muon")
+    )
+    for row in rows:
+        run_dir = sweep_dir / row["run"]
+        choices = run_choices(run_dir)
+        assert row["overrides"] == f"model={choices['model']} optim={choices['optim']}"
+        assert json.loads((run_dir / "run_summary.json").read_text())["model_name"] == choices["model"]
+        with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+            muon_rates = [r.get("train/lr_muon") for r in csv.DictReader(file) if r.get("train/loss")]
+        assert len(muon_rates) == 3 and all(muon_rates) == (choices["optim"] == "muon")  # Muon's own rate
+        assert row["status"] == "completed"
+
+
+def checkpoint_files(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt") if not p.is_symlink())
+
+
+def test_a_sweep_preset_keeps_only_each_runs_final_checkpoint(tmp_path):
+    # Saves every step; runs of 3 and 4 steps (range() end excluded): each keeps its last save only.
+    result = run_cli(
+        "sweep=keep_final",
+        *SMALL,
+        "trainer.max_steps=range(3,5)",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = sweep_dir_of(tmp_path)
+    rows = sorted(read_table(sweep_dir), key=lambda r: r["overrides"])
+    assert [r["overrides"] for r in rows] == ["trainer.max_steps=3", "trainer.max_steps=4"]
+    for steps, row in zip((3, 4), rows):
+        run_dir = sweep_dir / row["run"]
+        assert checkpoint_files(run_dir) == [f"step{steps:06d}.ckpt"]
+        assert (run_dir / "checkpoints" / "last.ckpt").resolve() == run_dir / "checkpoints" / f"step{steps:06d}.ckpt"
+        assert row["final_checkpoint"] == f"checkpoints/step{steps:06d}.ckpt"
+        assert int(row["tokens_seen"]) == steps * 256
+
+
 def test_sweep_table_command_refuses_a_folder_without_runs(tmp_path, capsys):
     assert sweep_main([str(tmp_path)]) == 2
     assert "holds no sweep runs" in capsys.readouterr().err
@@ -133,7 +184,8 @@ def test_grid_preset_expands_to_the_documented_eight_runs_and_each_composes(make
 
     from hydra.core.hydra_config import HydraConfig
 
-    make_config("sweep=grid")  # the preset composes with the rest of the config
+    cfg = make_config("sweep=grid")  # the preset composes with the rest of the config
+    assert cfg.callbacks.model_checkpoint.save_top_k == 1  # keep_final: the final checkpoint only
     preset = [f"{key}={value}" for key, value in HydraConfig.get().sweeper.params.items()]
     readme = ["model.n_embd=384,768", "model.dropout=0.0,0.1", "optim.min_lr=6e-5,3e-5"]
     assert jobs(preset) == jobs(readme) and len(jobs(preset)) == 8
@@ -143,13 +195,19 @@ def test_grid_preset_expands_to_the_documented_eight_runs_and_each_composes(make
 
 
 def test_optuna_preset_runs_trials_and_reports_the_best(tmp_path):
-    result = run_cli("sweep=optuna", "hydra.sweeper.n_trials=2", *TINY, "model.n_embd=32", cwd=tmp_path)
+    from omegaconf import OmegaConf
+
+    lr_range = "optim.lr=interval(0.001,0.002)"  # the command line narrows the preset's own range
+    result = run_cli("sweep=optuna", "hydra.sweeper.n_trials=2", *TINY, "model.n_embd=32", lr_range, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = sweep_dir_of(tmp_path)
     best = (sweep_dir / "optimization_results.yaml").read_text()
     assert "optim.lr" in best and "model.dropout" in best
     rows = read_table(sweep_dir)
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
+    rates = [OmegaConf.load(sweep_dir / r["run"] / ".hydra" / "config.yaml").optim.lr for r in rows]
+    assert all(0.001 <= lr <= 0.002 for lr in rates) and rates[0] != rates[1]
+    assert all(checkpoint_files(sweep_dir / r["run"]) == ["step000003.ckpt"] for r in rows)  # the final one only
 
 
 def test_slurm_launcher_composes_with_tasks_per_gpu(make_config):

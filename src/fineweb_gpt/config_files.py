@@ -12,7 +12,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.errors import ConfigError, one_line
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -39,13 +39,17 @@ def load_option(group: str, option: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path))
 
 
-def build(node: DictConfig, **kwargs):
-    """hydra.utils.instantiate, letting the constructor's one-line ConfigError through unwrapped."""
+def build(node: DictConfig, refusals: tuple = (), **kwargs):
+    """hydra.utils.instantiate, letting the constructor's one-line ConfigError through unwrapped,
+    and the target's refusal of its settings (`refusals`, e.g. Lightning's MisconfigurationException)
+    as one line too."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         if isinstance(err.__cause__, ConfigError):
             raise err.__cause__ from None
+        if refusals and isinstance(err.__cause__, refusals):
+            raise ConfigError(f"{node._target_} refused its settings: {one_line(err.__cause__)}") from None
         raise
 
 

@@ -1,21 +1,30 @@
 """The run plan, worked out from the config before anything is built: the checks that refuse a
-config that cannot work, the batch (gradient accumulation from tokens per step), the run
-length, the precision and the GPU's peak FLOPS. Its result is the run summary's static part."""
+config that cannot work (each key's type and range: config_schema), the batch (gradient
+accumulation from tokens per step), the run length and warmup, the precision and the GPU's
+peak FLOPS, and what the Trainer is given besides trainer.*. Its result is the run summary's
+static part."""
 
 import logging
 import math
+from dataclasses import fields, replace
 
 import torch
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from fineweb_gpt.config_schema import check_values, typed
 from fineweb_gpt.data.settings import check_data_config
-from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.errors import ConfigError, one_line
 from fineweb_gpt.flops import chinchilla_tokens, flops_per_token, gpu_for_device, human_count
-from fineweb_gpt.model import GPTConfig
+from fineweb_gpt.model import GPT, GPTConfig
 from fineweb_gpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 
 log = logging.getLogger("fineweb_gpt")
 LIGHTNING_FSDP = "lightning.pytorch.strategies.FSDPStrategy"
+
+
+# --- checks -------------------------------------------------------------------------------
 
 
 def check_config(cfg: DictConfig, hw_name: str) -> None:
@@ -25,22 +34,25 @@ def check_config(cfg: DictConfig, hw_name: str) -> None:
         raise ConfigError(
             f"{missing[0]} has no value; set it on the command line, e.g. {missing[0]}=/data/fineweb/000_00000.parquet"
         )
+    check_values(cfg)
+    check_data_config(cfg.data, cfg.hw.micro_batch_size)
+    model_config(cfg.model)
     if cfg.hw.requires_cuda and not torch.cuda.is_available():
         raise ConfigError(f"hw={hw_name} needs a CUDA GPU and this machine has none; use hw=cpu (or hw=auto)")
-    for derived, instead in (
-        ("accumulate_grad_batches", "total_batch_tokens"),
-        ("val_check_interval", "val_every_steps"),
-    ):
-        if cfg.trainer.get(derived) is not None:
-            raise ConfigError(f"trainer.{derived} is derived by fineweb_gpt; set {instead} instead")
-    for key in ("val_every_steps", "total_batch_tokens", "max_tokens"):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key}={value} must be positive")
-    max_steps = cfg.trainer.max_steps
-    if max_steps is not None and (max_steps == 0 or max_steps < -1):
-        raise ConfigError(f"trainer.max_steps={max_steps} must be positive (or -1: run length from max_tokens)")
-    check_data_config(cfg.data, cfg.hw.micro_batch_size)
+    accelerator = cfg.trainer.accelerator
+    kinds = ("cuda", "mps") if accelerator == "gpu" else () if accelerator == "auto" else (accelerator,)
+    if kinds and not any(AcceleratorRegistry[kind]["accelerator"].is_available() for kind in kinds):
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} is not available on this machine; "
+            "use hw=cpu (or trainer.accelerator=auto)"
+        )
+    devices = str(cfg.trainer.devices).strip()
+    if on_cpu(accelerator) and devices != "auto" and not (devices.isdigit() and int(devices) >= 1):
+        # Lightning's CPU accelerator takes a number of processes only.
+        raise ConfigError(
+            f"trainer.devices={typed(cfg.trainer.devices)} is for GPUs (their ids, or -1: all of them); "
+            "on the CPU give a number of processes, e.g. trainer.devices=2 (with trainer=ddp), or auto"
+        )
     if cfg.data.block_size > cfg.model.block_size:
         raise ConfigError(
             f"data.block_size={cfg.data.block_size} is longer than the model's context, model.block_size="
@@ -51,6 +63,35 @@ def check_config(cfg: DictConfig, hw_name: str) -> None:
             f"model.vocab_size={cfg.model.vocab_size} is below the GPT-2 tokenizer's {GPT2_VOCAB_SIZE} ids; "
             f"use model.vocab_size={PADDED_VOCAB_SIZE} (padded to a multiple of 64)"
         )
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(
+            f"optim.min_lr={cfg.optim.min_lr:g} is above optim.lr={cfg.optim.lr:g}: the cosine decay would rise; "
+            "lower optim.min_lr (equal to optim.lr: a constant rate)"
+        )
+    if cfg.trainer.get("barebones"):
+        raise ConfigError(
+            "trainer.barebones=true turns off the logging and checkpoints a fineweb_gpt run is made of; "
+            "time the bare loop with benchmarks/train_throughput.py instead"
+        )
+    if on_cpu(cfg.trainer.accelerator) and cfg.trainer.precision in ("16-mixed", "16", 16):
+        # Lightning would train in bf16-mixed instead, while the run summary said fp16.
+        raise ConfigError(
+            f"trainer.precision={cfg.trainer.precision} (fp16 autocast) needs a CUDA GPU; on the CPU use "
+            "trainer.precision=bf16-mixed or 32-true"
+        )
+
+
+def model_config(model: DictConfig) -> GPTConfig:
+    """The model's config; GPTConfig checks its shape (one line naming the key)."""
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(model) - known)
+    if unknown:
+        raise ConfigError(f"model.{unknown[0]} is not a model setting; the model has {', '.join(sorted(known))}")
+    return GPTConfig(**model)
+
+
+def on_cpu(accelerator: str) -> bool:
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
 # --- the batch ----------------------------------------------------------------------------
@@ -82,8 +123,8 @@ def gradient_accumulation(total_batch_tokens: int, micro_batch_size: int, block_
         multiple = max(1, round(total_batch_tokens / tokens_per_micro_step)) * tokens_per_micro_step
         raise ConfigError(
             f"total_batch_tokens={total_batch_tokens} is not a multiple of hw.micro_batch_size x data.block_size x "
-            f"world size = {micro_batch_size} x {block_size} x {world_size} = {tokens_per_micro_step}; "
-            f"use total_batch_tokens={multiple} or change hw.micro_batch_size"
+            f"world size (trainer.devices x trainer.num_nodes) = {micro_batch_size} x {block_size} x {world_size} = "
+            f"{tokens_per_micro_step}; use total_batch_tokens={multiple} or change hw.micro_batch_size"
         )
     return total_batch_tokens // tokens_per_micro_step
 
@@ -93,8 +134,7 @@ def check_fsdp(strategy, accelerator: str, world_size: int) -> None:
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
     if "fsdp" not in target.lower():
         return
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if (target == LIGHTNING_FSDP or target.startswith("fsdp")) and on_cpu:
+    if (target == LIGHTNING_FSDP or target.startswith("fsdp")) and on_cpu(accelerator):
         raise ConfigError(
             "trainer=fsdp shards the model across CUDA GPUs and this run is on the CPU; "
             "use trainer=ddp trainer.devices=2 for several CPU processes"
@@ -137,6 +177,23 @@ def planned_steps(max_steps: int | None, max_tokens: int | None, total_batch_tok
     return max(1, math.ceil((max_tokens or chinchilla_tokens(num_params)) / total_batch_tokens))
 
 
+def fitted_warmup(warmup_steps: int, max_steps: int) -> int:
+    """optim.warmup_steps, or a tenth of the run when the warmup would not end before the run
+    does (trainer.max_steps=1 as a smoke test), said in one warning line."""
+    if warmup_steps < max_steps:
+        return warmup_steps
+    fitted = max_steps // 10
+    log.warning(
+        "optim.warmup_steps=%d does not fit in the run's %d step(s): warming up over %d instead (a tenth of the "
+        "run); set optim.warmup_steps below %d to choose",
+        warmup_steps,
+        max_steps,
+        fitted,
+        max_steps,
+    )
+    return fitted
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """'auto' means bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU."""
     if precision != "auto":
@@ -163,6 +220,30 @@ def peak_flops(hw: DictConfig, hw_name: str) -> float | None:
     return configured or detected
 
 
+def parameter_count(config: GPTConfig) -> int:
+    """The model's parameters by nanoGPT's count, from copies built without memory (the meta
+    device) one and two layers deep: every layer holds the same, so any depth costs nothing."""
+    try:
+        with torch.device("meta"):
+            one, two = (GPT(replace(config, n_layer=n_layer)).num_params() for n_layer in (1, 2))
+    except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # sizes no tensor can have
+        raise ConfigError(
+            f"the model is too large to build ({one_line(err)}); lower model.n_embd or model.vocab_size"
+        ) from None
+    return one + (config.n_layer - 1) * (two - one)
+
+
+def plan_run(cfg: DictConfig, choices: dict) -> dict:
+    """Check the config, then work out the run: what train.py builds from and the summary reports."""
+    check_config(cfg, choices.get("hw", "custom"))
+    world_size = world_size_of(cfg.trainer)
+    accumulation = gradient_accumulation(
+        cfg.total_batch_tokens, cfg.hw.micro_batch_size, cfg.data.block_size, world_size
+    )
+    config = model_config(cfg.model)
+    return run_plan(cfg, config, parameter_count(config), choices, world_size, accumulation)
+
+
 def run_plan(
     cfg: DictConfig, model_config: GPTConfig, num_params: int, choices: dict, world_size: int, grad_accum: int
 ) -> dict:
@@ -171,10 +252,6 @@ def run_plan(
     block_size, micro_batch_size = cfg.data.block_size, cfg.hw.micro_batch_size
     tokens_per_step = micro_batch_size * block_size * grad_accum * world_size
     max_steps = planned_steps(cfg.trainer.max_steps, cfg.max_tokens, cfg.total_batch_tokens, num_params)
-    if cfg.optim.warmup_steps >= max_steps:
-        raise ConfigError(
-            f"optim.warmup_steps={cfg.optim.warmup_steps} is not below the run's {max_steps} steps; lower it"
-        )
     return {
         "model_name": choices.get("model", "custom"),
         "num_params": num_params,
@@ -190,9 +267,40 @@ def run_plan(
         "max_steps": max_steps,
         "planned_tokens": max_steps * tokens_per_step,
         "chinchilla_tokens": chinchilla_tokens(num_params),
-        **{key: cfg.optim[key] for key in ("lr", "min_lr", "warmup_steps", "weight_decay")},
+        **{key: cfg.optim[key] for key in ("lr", "min_lr", "weight_decay")},
+        "warmup_steps": fitted_warmup(cfg.optim.warmup_steps, max_steps),
         "val_every_steps": cfg.val_every_steps,
         "flops_per_token": flops_per_token(
             num_params, model_config.n_layer, model_config.n_head, model_config.n_embd, block_size
         ),
+    }
+
+
+# --- what the Trainer is given besides trainer.* -------------------------------------------
+
+
+def trainer_arguments(cfg: DictConfig, plan: dict, resuming: bool, callbacks: list) -> dict:
+    """The Trainer arguments fineweb_gpt works out: the derived ones (check_config refuses them set
+    by hand), and callbacks that agree with trainer.enable_progress_bar and enable_checkpointing
+    as set: false drops the progress bar or checkpoints; a progress bar from the callbacks group
+    replaces fineweb_gpt's; no checkpoint callback (callbacks.model_checkpoint=null) means none."""
+    trainer = cfg.trainer
+    bars = [c for c in callbacks if isinstance(c, ProgressBar)]
+    unwanted = bars if trainer.enable_progress_bar is False else bars[:-1]
+    if trainer.enable_checkpointing is False:
+        unwanted += [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    callbacks = [c for c in callbacks if not any(c is u for u in unwanted)]
+    checkpointing = trainer.enable_checkpointing
+    if checkpointing is None:
+        checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    sanity = trainer.num_sanity_val_steps
+    return {
+        "precision": plan["precision"],
+        "max_steps": plan["max_steps"],
+        "accumulate_grad_batches": plan["grad_accum"],
+        "val_check_interval": cfg.val_every_steps * plan["grad_accum"],
+        # A fresh run is scored before its first step, a resumed one where it left off.
+        "num_sanity_val_steps": sanity if sanity is not None else 0 if resuming else -1,
+        "enable_checkpointing": checkpointing,
+        "callbacks": callbacks,
     }

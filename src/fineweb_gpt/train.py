@@ -9,6 +9,7 @@ import logging
 import hydra
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from fineweb_gpt.callbacks import RunMonitor
@@ -17,10 +18,11 @@ from fineweb_gpt.config_files import build, config_dir, hydra_choices, in_multir
 from fineweb_gpt.console import StepProgressBar, route_warnings_to_log
 from fineweb_gpt.errors import ConfigError, exit_with, one_line
 from fineweb_gpt.flops import human_count
+from fineweb_gpt.latest_run import LatestRun, discard_untrained_run, started_training
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.loggers import build_loggers, finish_wandb_run
 from fineweb_gpt.model import GPTConfig
-from fineweb_gpt.plan import check_config, gradient_accumulation, out_of_memory_error, run_plan, world_size_of
+from fineweb_gpt.plan import out_of_memory_error, plan_run, trainer_arguments
 from fineweb_gpt.run_folder import write_result
 
 log = logging.getLogger("fineweb_gpt")
@@ -29,57 +31,51 @@ log = logging.getLogger("fineweb_gpt")
 def train(cfg: DictConfig) -> float | None:
     """Run one training job; returns the final validation loss (for sweepers). Raises RunStopped
     when a signal stopped it part way."""
-    choices = hydra_choices()
-    check_config(cfg, choices.get("hw", "custom"))
+    plan = plan_run(cfg, hydra_choices())  # refuses what cannot work, before anything is built
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left on Ampere and newer
 
-    world_size = world_size_of(cfg.trainer)
-    micro_batch_size, block_size = cfg.hw.micro_batch_size, cfg.data.block_size
-    accumulation = gradient_accumulation(cfg.total_batch_tokens, micro_batch_size, block_size, world_size)
     ckpt_path = resume_checkpoint(cfg.ckpt_path, cfg.resume, cfg.run_dir)
-    model_config = GPTConfig(**cfg.model)
     module = GPTLightningModule(
-        model_config=model_config.to_dict(),
-        **OmegaConf.to_container(cfg.optim),
+        model_config=GPTConfig(**cfg.model).to_dict(),
+        **{**OmegaConf.to_container(cfg.optim), "warmup_steps": plan["warmup_steps"]},  # fitted to the run
         spike_factor=cfg.loss_guard.spike_factor,
         spike_action=cfg.loss_guard.action,
         compile_model=cfg.hw.compile,
         compile_tuning=cfg.hw.get("compile_tuning", False),
     )
-    num_params = module.model.num_params()
-    plan = run_plan(cfg, model_config, num_params, choices, world_size, accumulation)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     monitor = RunMonitor(plan, run_dir=cfg.run_dir, log_every_n_steps=cfg.trainer.log_every_n_steps or 1, config=config)
-    progress = [StepProgressBar()] if cfg.trainer.enable_progress_bar is not False else []
-    callbacks = [monitor, *progress] + [build(c) for c in (cfg.get("callbacks") or {}).values()]
+    configured = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [monitor, StepProgressBar(), LatestRun(cfg.run_dir, cfg.get("latest_link")), *configured]
     resumed_from = read_checkpoint(ckpt_path) if ckpt_path else None
     loggers = build_loggers(cfg.get("logger"), cfg.run_dir, resumed_from, sweep_names())
     trainer: L.Trainer = build(
         cfg.trainer,
-        precision=plan["precision"],
-        max_steps=plan["max_steps"],
-        accumulate_grad_batches=accumulation,
-        val_check_interval=cfg.val_every_steps * accumulation,
-        # A fresh run is scored before its first step, a resumed one where it left off.
-        num_sanity_val_steps=-1 if ckpt_path is None else 0,
-        callbacks=callbacks,
+        refusals=(MisconfigurationException, TypeError, ValueError),  # how the Trainer refuses an argument
+        **trainer_arguments(cfg, plan, ckpt_path is not None, callbacks),
         logger=loggers or False,
     )
-    if trainer.world_size != world_size:
+    if trainer.world_size != plan["world_size"]:
         raise ConfigError(
-            f"trainer.devices={cfg.trainer.devices} gave {trainer.world_size} processes, not the {world_size} "
-            "the batch was planned for; give trainer.devices as a number"
+            f"trainer.devices={cfg.trainer.devices} gave {trainer.world_size} processes, not the "
+            f"{plan['world_size']} the batch was planned for; give trainer.devices as a number"
         )
-    datamodule = build(cfg.data, micro_batch_size=micro_batch_size)
+    datamodule = build(cfg.data, micro_batch_size=plan["micro_batch_size"])
 
     try:
         # One fit, evaluating at step 0, every val_every_steps and at the last step (see RunMonitor).
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except torch.cuda.OutOfMemoryError as err:
-        raise out_of_memory_error(cfg.total_batch_tokens, micro_batch_size, block_size, world_size, num_params) from err
+        raise out_of_memory_error(
+            cfg.total_batch_tokens,
+            plan["micro_batch_size"],
+            cfg.data.block_size,
+            plan["world_size"],
+            plan["num_params"],
+        ) from err
     finally:
         finish_wandb_run(trainer)
     stopped = trainer.checkpoint_callback.stop_message(trainer, cfg.run_dir) if trainer.checkpoint_callback else None
@@ -106,7 +102,8 @@ def report(trainer: L.Trainer, monitor: RunMonitor, run_dir: str) -> float | Non
 
 def main(cfg: DictConfig) -> float | None:
     """One run; in a sweep, a failed run is reported and the sweep goes on (its value is NaN,
-    which optimising sweepers count as a failed trial)."""
+    which optimising sweepers count as a failed trial). A single run refused before training
+    leaves no folder (or an earlier run's folder as it was)."""
     route_warnings_to_log()
     try:
         final_val_loss = train(cfg)
@@ -120,12 +117,15 @@ def main(cfg: DictConfig) -> float | None:
         if not in_multirun():
             return None
     except ConfigError as err:
-        write_result(cfg.run_dir, "failed", error=one_line(err))
+        if in_multirun() or started_training(cfg.run_dir):
+            write_result(cfg.run_dir, "failed", error=one_line(err))
         if not in_multirun():
+            discard_untrained_run(cfg.run_dir)
             exit_with(err)
         log.error("This run failed: %s", one_line(err))
     except Exception as err:
         if not in_multirun():
+            discard_untrained_run(cfg.run_dir)
             raise
         write_result(cfg.run_dir, "failed", error=f"{type(err).__name__}: {one_line(err)}")
         log.exception("This run failed; the sweep goes on")

@@ -40,11 +40,10 @@ def quiet_cpu_trainer(**kwargs) -> L.Trainer:
     return L.Trainer(accelerator="cpu", **quiet, **kwargs)
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m fineweb_gpt.train ARGS` the way a user does, offline. The tests folder is
-    on the path, so callbacks from this module can be added with +callbacks.<name>._target_=helpers.X."""
+def cli_env(env: dict | None = None) -> dict:
+    """The environment of a command line started by a test: offline, this tests folder importable."""
     pythonpath = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p)
-    env = {
+    return {
         **os.environ,
         "WANDB_MODE": "offline",
         "HF_HUB_OFFLINE": "1",
@@ -52,13 +51,23 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) 
         "PYTHONPATH": pythonpath,
         **(env or {}),
     }
+
+
+def run_cli(
+    *args: str, cwd: Path, timeout: int = 600, env: dict | None = None, own_process_group: bool = False
+) -> subprocess.CompletedProcess:
+    """Run `python -m fineweb_gpt.train ARGS` the way a user does, offline. The tests folder is
+    on the path, so callbacks from this module can be added with +callbacks.<name>._target_=helpers.X.
+    own_process_group: start it in a process group of its own, as a terminal or SLURM job step
+    does, so that a signal to the group reaches it and its DataLoader workers, not the tests."""
     return subprocess.run(
         [sys.executable, "-m", "fineweb_gpt.train", *args],
         cwd=cwd,
-        env=env,
+        env=cli_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
+        start_new_session=own_process_group,
     )
 
 
@@ -107,6 +116,17 @@ class PauseMidStep(L.Callback):
         if trainer.global_step == self.step and not self.paused:
             self.paused = True
             time.sleep(self.seconds)
+
+
+class WaitForFile(L.Callback):
+    """Holds the run before its first micro-batch until `path` exists (a test's cue)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        while not os.path.exists(self.path):
+            time.sleep(0.1)
 
 
 class MidStepCollectives(L.Callback):
@@ -173,10 +193,24 @@ class SignalAtStep(L.Callback):
 
     first_micro_batch: send it after the first micro-batch of the next step instead, so
     the process dies half way through a gradient accumulation.
+    times: send it that many times in a row (a second Ctrl-C).
+    process_group: send it to the whole process group, DataLoader workers included, as SLURM
+    and a terminal's Ctrl-C do.
+    once_file: send it only if this file does not exist yet (and create it), so that a
+    requeued job running the same command is not signalled again.
     """
 
-    def __init__(self, step: int, signal_name: str = "SIGKILL", first_micro_batch: bool = False):
+    def __init__(
+        self,
+        step: int,
+        signal_name: str = "SIGKILL",
+        first_micro_batch: bool = False,
+        times: int = 1,
+        process_group: bool = False,
+        once_file: str | None = None,
+    ):
         self.step, self.signal_name, self.first_micro_batch = step, signal_name, first_micro_batch
+        self.times, self.process_group, self.once_file = times, process_group, once_file
         self.sent = False
         self.micro_batches_after = 0
 
@@ -189,7 +223,33 @@ class SignalAtStep(L.Callback):
         if self.first_micro_batch and self.micro_batches_after < 2:
             return
         self.sent = True
-        os.kill(os.getpid(), getattr(signal, self.signal_name))
+        if self.once_file:
+            if Path(self.once_file).exists():
+                return
+            Path(self.once_file).touch()
+        for _ in range(self.times):
+            if self.process_group:
+                os.killpg(os.getpgid(0), getattr(signal, self.signal_name))
+            else:
+                os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class WorkersIgnoreStopSignals(L.Callback):
+    """Gives the data module's training DataLoader checkpointing.ignore_stop_signals as its
+    worker_init_fn, the wiring the data package's DataLoader factory is to carry."""
+
+    def setup(self, trainer, pl_module, stage):
+        from fineweb_gpt.checkpointing import ignore_stop_signals
+
+        datamodule = trainer.datamodule
+        make_loader = datamodule.train_dataloader
+
+        def train_dataloader():
+            loader = make_loader()
+            loader.worker_init_fn = ignore_stop_signals
+            return loader
+
+        datamodule.train_dataloader = train_dataloader
 
 
 class PoisonWeights(L.Callback):

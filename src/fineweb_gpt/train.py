@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fineweb_gpt.callbacks import RunMonitor, StepProgressBar
-from fineweb_gpt.checkpointing import RunStopped, read_checkpoint, resume_checkpoint
+from fineweb_gpt.checkpointing import RunStopped, hand_on
 from fineweb_gpt.config_files import config_dir, hydra_choices, in_multirun, sweep_names
 from fineweb_gpt.errors import ConfigError, exit_with, one_line
 from fineweb_gpt.flops import human_count
@@ -23,6 +23,7 @@ from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.loggers import build_loggers, finish_wandb_run, wandb_run_id
 from fineweb_gpt.model import GPTConfig
 from fineweb_gpt.plan import check_config, gradient_accumulation, out_of_memory_error, run_plan, world_size_of
+from fineweb_gpt.resume import RunFolder, claim_run_folder, read_checkpoint, resume_checkpoint
 from fineweb_gpt.run_folder import write_result
 
 log = logging.getLogger("fineweb_gpt")
@@ -40,9 +41,9 @@ def build(node: DictConfig, **kwargs):
         raise
 
 
-def train(cfg: DictConfig) -> float | None:
+def train(cfg: DictConfig, folder: RunFolder | None = None) -> float | None:
     """Run one training job; returns the final validation loss (for sweepers). Raises RunStopped
-    when a signal stopped it part way."""
+    when a signal stopped it part way. `folder`: the run folder as claim_run_folder settled it."""
     choices = hydra_choices()
     check_config(cfg, choices.get("hw", "custom"))
     L.seed_everything(cfg.seed, workers=True)
@@ -52,7 +53,7 @@ def train(cfg: DictConfig) -> float | None:
     world_size = world_size_of(cfg.trainer)
     micro_batch_size, block_size = cfg.hw.micro_batch_size, cfg.data.block_size
     accumulation = gradient_accumulation(cfg.total_batch_tokens, micro_batch_size, block_size, world_size)
-    ckpt_path = resume_checkpoint(cfg.ckpt_path, cfg.resume, cfg.run_dir)
+    ckpt_path = folder.resume_from if folder else resume_checkpoint(cfg.ckpt_path, cfg.resume, cfg.run_dir)
     model_config = GPTConfig(**cfg.model)
     module = GPTLightningModule(
         model_config=model_config.to_dict(),
@@ -66,7 +67,8 @@ def train(cfg: DictConfig) -> float | None:
     plan = run_plan(cfg, model_config, num_params, choices, world_size, accumulation)
 
     monitor = RunMonitor(plan, run_dir=cfg.run_dir, log_every_n_steps=cfg.trainer.log_every_n_steps or 1)
-    callbacks = [monitor, StepProgressBar()] + [build(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [monitor, StepProgressBar(), *([folder] if folder else [])]
+    callbacks += [build(c) for c in (cfg.get("callbacks") or {}).values()]
     resumed_from = read_checkpoint(ckpt_path) if ckpt_path else None
     loggers = build_loggers(cfg.get("logger"), cfg.run_dir, wandb_run_id(resumed_from), sweep_names())
     trainer: L.Trainer = build(
@@ -96,9 +98,9 @@ def train(cfg: DictConfig) -> float | None:
         raise out_of_memory_error(cfg.total_batch_tokens, micro_batch_size, block_size, world_size, num_params) from err
     finally:
         finish_wandb_run(trainer)
-    stopped = trainer.checkpoint_callback.stop_message(trainer, cfg.run_dir) if trainer.checkpoint_callback else None
+    stopped = trainer.checkpoint_callback.stop_message(trainer) if trainer.checkpoint_callback else None
     if stopped:
-        raise RunStopped(stopped)
+        raise RunStopped(stopped, trainer.checkpoint_callback.signal_received)
     return report(trainer, monitor, cfg.run_dir)
 
 
@@ -122,7 +124,14 @@ def main(cfg: DictConfig) -> float | None:
     """One run; in a sweep, a failed run is reported and the sweep goes on (its value is NaN,
     which optimising sweepers count as a failed trial)."""
     try:
-        final_val_loss = train(cfg)
+        folder = claim_run_folder(cfg)
+    except ConfigError as err:  # refused with the run folder as it was: it may hold another run's work
+        if not in_multirun():
+            exit_with(err)
+        log.error("This run was refused: %s", one_line(err))
+        return float("nan")
+    try:
+        final_val_loss = train(cfg, folder)
         write_result(cfg.run_dir, "completed", final_val_loss=final_val_loss)
         return final_val_loss
     except RunStopped as stop:
@@ -130,6 +139,7 @@ def main(cfg: DictConfig) -> float | None:
         # resume; in a sweep its value is NaN, as a failed run's is.
         log.info("%s", stop)
         write_result(cfg.run_dir, "stopped", error=str(stop))
+        hand_on(stop.signum)  # under SLURM: the requeue, through submitit's handler or scontrol
         if not in_multirun():
             return None
     except ConfigError as err:
@@ -142,6 +152,8 @@ def main(cfg: DictConfig) -> float | None:
             raise
         write_result(cfg.run_dir, "failed", error=f"{type(err).__name__}: {one_line(err)}")
         log.exception("This run failed; the sweep goes on")
+    finally:
+        folder.release()
     return float("nan")
 
 

@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_utilities.core.rank_zero import rank_zero_only
 
 from fineweb_gpt.errors import ConfigError, one_line
+from fineweb_gpt.resume import follow_the_command_schedule, saved_checkpoints
 
 log = logging.getLogger("fineweb_gpt")
 
@@ -107,6 +109,8 @@ class BesideFileCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -179,13 +183,12 @@ class StepCheckpoint(ModelCheckpoint):
         kwargs.setdefault("enable_version_counter", False)
         super().__init__(**kwargs)
         if every_n_minutes:
-            from datetime import timedelta
-
             self._train_time_interval = timedelta(minutes=every_n_minutes)
         self.signal_received: int | None = None
         self.stopped_by_signal: str | None = None
         self.cut_short = False
         self._signals_seen = 0
+        self._signals_told = 0
         self._one_process = True
         self._steps_seen = None
         self._step_start: dict | None = None  # one process: the state a save part way through a step records
@@ -217,22 +220,31 @@ class StepCheckpoint(ModelCheckpoint):
             epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     def _on_stop_signal(self, signum: int, frame) -> None:
+        # Only flags: a handler that writes to the console can break a write the run was making.
         self._signals_seen += 1
-        name = signal.Signals(signum).name
         if self._signals_seen == 1:
             self.signal_received = signum
-            log.warning("%s: saving at the end of this optimizer step, then stopping (again: stop sooner)", name)
         elif self._signals_seen == 2 and self._one_process:
             self.cut_short = True
-            log.warning("%s again: stopping at the next micro-batch, saving the last finished step", name)
         else:
-            # Several processes cannot agree mid-step without waiting for each other every
-            # micro-batch, and a third signal means now: the signal's own action.
+            # Several processes cannot agree part way through a step without waiting for each
+            # other at every micro-batch, and a third signal means now: the signal's own action.
             for stop in stop_signals():
                 signal.signal(stop, signal.default_int_handler if stop == signal.SIGINT else signal.SIG_DFL)
             signal.raise_signal(signum)
 
+    def tell_what_happens(self) -> None:
+        """Say, once per signal, what the run does about it."""
+        if self._signals_told < self._signals_seen:
+            name = signal.Signals(self.signal_received).name
+            if self._signals_told == 0:
+                log.warning("%s: saving at the end of this optimizer step, then stopping (again: stop sooner)", name)
+            if self.cut_short:
+                log.warning("%s again: stopping at the next micro-batch, saving the last finished step", name)
+            self._signals_told = self._signals_seen
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        self.tell_what_happens()
         if self.cut_short:
             self.stop_part_way(trainer)
 
@@ -241,6 +253,7 @@ class StepCheckpoint(ModelCheckpoint):
         # time-based checkpoint part way through one, and a run resumed from it would lose the
         # micro-batches already accumulated; under DDP its per-micro-batch check is also a
         # broadcast, a wait for the GPU.
+        self.tell_what_happens()
         if trainer.global_step == self._steps_seen:
             if self.cut_short:
                 self.stop_part_way(trainer)
@@ -280,7 +293,7 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # The schedule's base rates come from this command (optim.lr), not the checkpoint: see
-        # follow_the_command_schedule.
+        # resume.follow_the_command_schedule.
         for state in checkpoint.get("lr_schedulers", []):
             state.pop("base_lrs", None)
 
@@ -318,8 +331,6 @@ class StepCheckpoint(ModelCheckpoint):
     def count_saved_checkpoints(self, trainer: L.Trainer) -> None:
         """Take the newest save_top_k loadable checkpoints of the folder (up to this run's step) as
         the ones kept so far, so that each new save replaces the oldest of them."""
-        from fineweb_gpt.resume import saved_checkpoints
-
         last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         self.last_model_path = str(last) if os.path.lexists(last) else ""
         if self.monitor != "step" or self.save_top_k == 0:
@@ -378,16 +389,3 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
-
-
-def follow_the_command_schedule(trainer: L.Trainer) -> None:
-    """A resumed run's learning rate follows this command's optim.lr, min_lr and warmup_steps from
-    the resumed step. Lightning would restore the schedule's base rates from the checkpoint
-    (StepCheckpoint.on_load_checkpoint drops them) and the optimizer's current rates, which the
-    first resumed step uses: set those from the schedule, which gives the checkpoint's own rates
-    when nothing changed."""
-    for config in trainer.lr_scheduler_configs:
-        schedule = config.scheduler
-        if isinstance(schedule, torch.optim.lr_scheduler.LambdaLR):
-            for group, base, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
-                group["lr"] = base * factor(schedule.last_epoch)

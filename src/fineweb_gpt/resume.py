@@ -5,7 +5,8 @@ claim_run_folder locks the run folder (one run at a time), removes what a killed
 picks the checkpoint (ckpt_path=<file>, ckpt_path=last, resume=auto), compares the checkpoint's
 settings with this command's (refusing what cannot work, warning about what changes the run),
 and only then writes Hydra's record of the run, .hydra/*.yaml (train.yaml turns Hydra's own
-writing off: Hydra writes those files before any code of ours runs).
+writing off: Hydra writes those files before any code of ours runs). What the command may
+change takes effect from the resumed step: follow_the_command_schedule sets the learning rate.
 """
 
 import fcntl
@@ -197,6 +198,19 @@ def compare_with_checkpoint(old: dict, new: dict, checkpoint_path: str, step: in
         ", ".join(f"{key} {setting(old, key)} -> {setting(new, key)}" for key in changed),
         note,
     )
+
+
+def follow_the_command_schedule(trainer: L.Trainer) -> None:
+    """A resumed run's learning rate follows this command's optim.lr, min_lr and warmup_steps from
+    the resumed step. Lightning would restore the schedule's base rates from the checkpoint
+    (StepCheckpoint.on_load_checkpoint drops them) and the optimizer's current rates, which the
+    first resumed step uses: set those from the schedule, which gives the checkpoint's own rates
+    when nothing changed."""
+    for config in trainer.lr_scheduler_configs:
+        schedule = config.scheduler
+        if isinstance(schedule, torch.optim.lr_scheduler.LambdaLR):
+            for group, base, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+                group["lr"] = base * factor(schedule.last_epoch)
 
 
 # --- claiming the run folder ------------------------------------------------------------------

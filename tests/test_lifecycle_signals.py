@@ -52,6 +52,9 @@ def test_it_keeps_lightnings_worker_seeding(monkeypatch):
     # Setting a worker_init_fn turns off the one Lightning adds under seed_everything(workers=True).
     from functools import partial
 
+    for variable in ("PL_SEED_WORKERS", "PL_GLOBAL_SEED"):  # seed_everything sets them; put them back after
+        monkeypatch.setenv(variable, os.environ.get(variable, "0"))
+
     from lightning.fabric.utilities.seed import pl_worker_init_function, seed_everything
 
     class RandomDraws(IterableDataset):

@@ -56,8 +56,12 @@ def cli_env(env: dict | None = None) -> dict:
     return {key: value for key, value in env.items() if value is not None}
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m fineweb_gpt.train ARGS` the way a user does, in cli_env(env)."""
+def run_cli(
+    *args: str, cwd: Path, timeout: int = 600, env: dict | None = None, own_process_group: bool = False
+) -> subprocess.CompletedProcess:
+    """Run `python -m fineweb_gpt.train ARGS` the way a user does, in cli_env(env).
+    own_process_group: start it in a process group of its own, as a terminal or SLURM job step
+    does, so that a signal to the group reaches it and its DataLoader workers, not the tests."""
     return subprocess.run(
         [sys.executable, "-m", "fineweb_gpt.train", *args],
         cwd=cwd,
@@ -65,6 +69,7 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) 
         capture_output=True,
         text=True,
         timeout=timeout,
+        start_new_session=own_process_group,
     )
 
 
@@ -113,6 +118,17 @@ class PauseMidStep(L.Callback):
         if trainer.global_step == self.step and not self.paused:
             self.paused = True
             time.sleep(self.seconds)
+
+
+class WaitForFile(L.Callback):
+    """Holds the run before its first micro-batch until `path` exists (a test's cue)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        while not os.path.exists(self.path):
+            time.sleep(0.1)
 
 
 class MidStepCollectives(L.Callback):
@@ -179,10 +195,24 @@ class SignalAtStep(L.Callback):
 
     first_micro_batch: send it after the first micro-batch of the next step instead, so
     the process dies half way through a gradient accumulation.
+    times: send it that many times in a row (a second Ctrl-C).
+    process_group: send it to the whole process group, DataLoader workers included, as SLURM
+    and a terminal's Ctrl-C do.
+    once_file: send it only if this file does not exist yet (and create it), so that a
+    requeued job running the same command is not signalled again.
     """
 
-    def __init__(self, step: int, signal_name: str = "SIGKILL", first_micro_batch: bool = False):
+    def __init__(
+        self,
+        step: int,
+        signal_name: str = "SIGKILL",
+        first_micro_batch: bool = False,
+        times: int = 1,
+        process_group: bool = False,
+        once_file: str | None = None,
+    ):
         self.step, self.signal_name, self.first_micro_batch = step, signal_name, first_micro_batch
+        self.times, self.process_group, self.once_file = times, process_group, once_file
         self.sent = False
         self.micro_batches_after = 0
 
@@ -195,7 +225,15 @@ class SignalAtStep(L.Callback):
         if self.first_micro_batch and self.micro_batches_after < 2:
             return
         self.sent = True
-        os.kill(os.getpid(), getattr(signal, self.signal_name))
+        if self.once_file:
+            if Path(self.once_file).exists():
+                return
+            Path(self.once_file).touch()
+        for _ in range(self.times):
+            if self.process_group:
+                os.killpg(os.getpgid(0), getattr(signal, self.signal_name))
+            else:
+                os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
 class PoisonWeights(L.Callback):

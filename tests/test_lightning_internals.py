@@ -20,10 +20,12 @@ USED = [
     (ModelCheckpoint, "_save_last_checkpoint", "StepCheckpoint.save_now points last.ckpt at the save"),
     (ModelCheckpoint, "_monitor_candidates", "StepCheckpoint.save_now names the file"),
     (ModelCheckpoint, "_link_checkpoint", "StepCheckpoint replaces it with an atomic rename"),
+    (ModelCheckpoint, "_should_remove_checkpoint", "StepCheckpoint lets the newest two replace a resumed-from file"),
 ]
 # Overridden: our version must take what Lightning passes.
 OVERRIDDEN = [
     (ModelCheckpoint, StepCheckpoint, "_link_checkpoint"),
+    (ModelCheckpoint, StepCheckpoint, "_should_remove_checkpoint"),
 ]
 
 
@@ -42,7 +44,8 @@ def test_our_overrides_take_the_arguments_lightning_passes(base, ours, name):
 
 def test_private_attributes_we_read_and_set_exist(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path)
-    for attribute in ("_train_time_interval", "_last_global_step_saved"):
+    kept = ("best_k_models", "kth_best_model_path", "kth_value", "best_model_path", "best_model_score")
+    for attribute in ("_train_time_interval", "_last_global_step_saved", *kept):
         assert hasattr(checkpoint, attribute), f"ModelCheckpoint.{attribute} is gone; StepCheckpoint uses it"
     logger = WandbLogger(project="p", save_dir=tmp_path, mode="offline")
     assert isinstance(logger._wandb_init, dict), "WandbLogger._wandb_init is gone; our WandbLogger edits it"

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from fineweb_gpt.train import train
 from helpers import SMALL, quiet_cpu_trainer, run_cli
 
 # Dropout on, so a resumed run must also continue the random streams; two data workers,
-# so it must also continue each worker's place in the data.
+# so it must also continue each worker's place in the data (and a signal to the whole
+# process group must leave the workers to the training process's decision).
 RUN = [
     *SMALL,
     "model.dropout=0.1",
@@ -34,7 +36,8 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def train_cli(*args: str, env: dict | None = None):
-    return run_cli(*args, cwd=Path(__file__).parent, env={**ONE_THREAD, **(env or {})})
+    # In a process group of its own, as a terminal or a SLURM job step starts it.
+    return run_cli(*args, cwd=Path(__file__).parent, env={**ONE_THREAD, **(env or {})}, own_process_group=True)
 
 
 def per_step_rows(run_dir: Path) -> dict[int, list[dict]]:
@@ -48,11 +51,16 @@ def per_step_rows(run_dir: Path) -> dict[int, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[int, dict]:
+def uninterrupted_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("uninterrupted")
     result = train_cli(*RUN, f"hydra.run.dir={folder}")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = per_step_rows(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_folder) -> dict[int, dict]:
+    rows = per_step_rows(uninterrupted_folder)
     assert sorted(rows) == list(range(1, 11))
     return {step: logged[0] for step, logged in rows.items()}
 
@@ -80,6 +88,32 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stdout + resumed.stderr
     assert_continues_exactly(run_dir, uninterrupted)
+    # last.ckpt names the newest, with no -v1 copies, and only the newest two are kept, the file it
+    # resumed from included (killed after step 3, it resumed from the run's first checkpoint, step 2).
+    assert_newest_two_kept(run_dir / "checkpoints", [8, 10])
+
+
+def assert_newest_two_kept(folder: Path, steps: list[int]) -> None:
+    names = [f"step{step:06d}.ckpt" for step in steps]
+    assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", *names]
+    assert os.readlink(folder / "last.ckpt") == names[-1]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == steps[-1]
+
+
+@pytest.mark.slow
+def test_a_copied_run_folder_resumes_into_its_own_files(tmp_path, uninterrupted_folder):
+    # A run folder copied without its links (shutil.copytree, cp -rL, a download): last.ckpt is a
+    # plain file there. The copy goes on with its own last.ckpt link and its own newest two, and
+    # the original is not touched.
+    copy = tmp_path / "copy"
+    shutil.copytree(uninterrupted_folder, copy)
+    assert not (copy / "checkpoints" / "last.ckpt").is_symlink()
+    original = {path: path.stat().st_mtime_ns for path in uninterrupted_folder.rglob("*")}
+    longer = train_cli(*RUN, "trainer.max_steps=12", "resume=auto", f"hydra.run.dir={copy}")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "trainer.max_steps 10 -> 12" in longer.stdout  # warned: the schedule is stretched from step 10
+    assert_newest_two_kept(copy / "checkpoints", [10, 12])
+    assert {path: path.stat().st_mtime_ns for path in uninterrupted_folder.rglob("*")} == original
 
 
 @pytest.mark.slow
@@ -123,23 +157,36 @@ def test_a_checkpoint_due_by_the_clock_waits_for_the_end_of_the_step(tmp_path, u
     assert_continues_exactly(run_dir, uninterrupted)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
-def test_preemption_signal_saves_and_exits_cleanly(tmp_path, uninterrupted, signal_name):
-    run_dir = tmp_path / "run"
-    sender = [
-        "+callbacks.kill._target_=helpers.SignalAtStep",
-        "+callbacks.kill.step=3",
-        f"+callbacks.kill.signal_name={signal_name}",
+def saved_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+
+
+def signal_mid_step(signal_name: str, after_step: int, times: int = 1) -> list[str]:
+    """Send `signal_name` to the run's whole process group, DataLoader workers included (as SLURM
+    and a terminal's Ctrl-C do), after the first micro-batch of step after_step + 1."""
+    return [
+        "+callbacks.stop._target_=helpers.SignalAtStep",
+        f"+callbacks.stop.step={after_step}",
+        f"+callbacks.stop.signal_name={signal_name}",
+        "+callbacks.stop.first_micro_batch=true",
+        "+callbacks.stop.process_group=true",
+        f"+callbacks.stop.times={times}",
     ]
-    stopped = train_cli(*RUN, *sender, f"hydra.run.dir={run_dir}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_at_the_end_of_the_step_and_exits_cleanly(tmp_path, uninterrupted, signal_name):
+    # SIGTERM (SLURM's preemption and end of job) and SIGINT (Ctrl-C) part way through step 4.
+    run_dir = tmp_path / "run"
+    stopped = train_cli(*RUN, *signal_mid_step(signal_name, after_step=3), f"hydra.run.dir={run_dir}")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert f"Stopped by {signal_name} at step 3" in stopped.stdout + stopped.stderr
-    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == 3  # saved at the step it stopped, not at the last periodic save (2)
+    assert f"Stopped by {signal_name} at step 4 of 10" in stopped.stdout + stopped.stderr
+    # Saved at the end of the step it was in, not at the last periodic save (2) nor part way.
+    assert saved_step(run_dir) == 4
     # A sweep's table must not count it as finished.
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["status"] == "stopped" and "at step 3 of 10" in result["error"] and "resume=auto" in result["error"]
+    assert result["status"] == "stopped" and "at step 4 of 10" in result["error"] and "resume=auto" in result["error"]
     resumed = train_cli(*RUN, "resume=auto", f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_continues_exactly(run_dir, uninterrupted)
@@ -147,21 +194,40 @@ def test_preemption_signal_saves_and_exits_cleanly(tmp_path, uninterrupted, sign
 
 
 @pytest.mark.slow
-def test_sigusr1_under_slurm_requeues_the_job(tmp_path):
+def test_a_second_signal_cuts_the_step_short_and_saves_the_last_finished_one(tmp_path, uninterrupted):
+    # Ctrl-C twice after the first of step 4's two micro-batches: the run must not wait for the
+    # step to end (on a CPU, or with long accumulation, that is minutes). Its weights and optimizer
+    # are still step 3's, but the data position, the random streams and Lightning's counters have
+    # moved on; the save must record them as they were at step 3's end, or the resumed run would
+    # differ from the uninterrupted one. (Step 3 is not a periodic save: those come every 2 steps.)
+    run_dir = tmp_path / "run"
+    stopped = train_cli(*RUN, *signal_mid_step("SIGINT", after_step=3, times=2), f"hydra.run.dir={run_dir}")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    output = stopped.stdout + stopped.stderr
+    assert "SIGINT again: stopping at the next micro-batch" in output
+    assert "Stopped by SIGINT at step 3 of 10" in output
+    assert saved_step(run_dir) == 3
+    assert sorted(per_step_rows(run_dir)) == [1, 2, 3]  # step 4 never finished
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f) if row.get("val/loss")] == [0]  # nor evaluated
+    resumed = train_cli(*RUN, "resume=auto", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_continues_exactly(run_dir, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigusr1_under_slurm_requeues_the_job_once(tmp_path):
+    # SLURM's warning (#SBATCH --signal=USR1@120), sent to every process of the job step.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol_args\n')
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol_calls\n')
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
-    sender = [
-        "+callbacks.kill._target_=helpers.SignalAtStep",
-        "+callbacks.kill.step=2",
-        "+callbacks.kill.signal_name=SIGUSR1",
-    ]
-    result = train_cli(*RUN, *sender, f"hydra.run.dir={tmp_path / 'run'}", env=env)
+    result = train_cli(*RUN, *signal_mid_step("SIGUSR1", after_step=2), f"hydra.run.dir={tmp_path / 'run'}", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "scontrol_args").read_text().split() == ["requeue", "4242"]
+    assert "Stopped by SIGUSR1 at step 3 of 10" in result.stdout + result.stderr
+    assert (tmp_path / "scontrol_calls").read_text().splitlines() == ["requeue 4242"]
 
 
 def test_planted_nan_stops_with_the_step_lr_and_an_intact_checkpoint(tmp_path):

@@ -13,7 +13,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from fineweb_gpt.callbacks import RunMonitor
-from fineweb_gpt.checkpointing import RunStopped, read_checkpoint, resume_checkpoint
+from fineweb_gpt.checkpointing import RunStopped, hand_on
 from fineweb_gpt.config_files import build, config_dir, hydra_choices, in_multirun, sweep_names
 from fineweb_gpt.console import StepProgressBar, route_warnings_to_log
 from fineweb_gpt.errors import ConfigError, exit_with, one_line
@@ -23,20 +23,22 @@ from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.loggers import build_loggers, finish_wandb_run
 from fineweb_gpt.model import GPTConfig
 from fineweb_gpt.plan import out_of_memory_error, plan_run, trainer_arguments
+from fineweb_gpt.resume import RunFolder, claim_run_folder, read_checkpoint, resume_checkpoint
 from fineweb_gpt.run_folder import write_result
 
 log = logging.getLogger("fineweb_gpt")
 
 
-def train(cfg: DictConfig) -> float | None:
+def train(cfg: DictConfig, folder: RunFolder | None = None, plan: dict | None = None) -> float | None:
     """Run one training job; returns the final validation loss (for sweepers). Raises RunStopped
-    when a signal stopped it part way."""
-    plan = plan_run(cfg, hydra_choices())  # refuses what cannot work, before anything is built
+    when a signal stopped it part way. main() passes the run folder as claim_run_folder settled it
+    and the plan it checked; a direct call (tests) works them out here."""
+    plan = plan or plan_run(cfg, hydra_choices())  # refuses what cannot work, before anything is built
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left on Ampere and newer
 
-    ckpt_path = resume_checkpoint(cfg.ckpt_path, cfg.resume, cfg.run_dir)
+    ckpt_path = folder.resume_from if folder else resume_checkpoint(cfg.ckpt_path, cfg.resume, cfg.run_dir)
     module = GPTLightningModule(
         model_config=GPTConfig(**cfg.model).to_dict(),
         **{**OmegaConf.to_container(cfg.optim), "warmup_steps": plan["warmup_steps"]},  # fitted to the run
@@ -49,7 +51,8 @@ def train(cfg: DictConfig) -> float | None:
     config = OmegaConf.to_container(cfg, resolve=True)
     monitor = RunMonitor(plan, run_dir=cfg.run_dir, log_every_n_steps=cfg.trainer.log_every_n_steps or 1, config=config)
     configured = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks = [monitor, StepProgressBar(), LatestRun(cfg.run_dir, cfg.get("latest_link")), *configured]
+    record = [folder] if folder else []  # the run's config in every checkpoint, for the next resume's check
+    callbacks = [monitor, StepProgressBar(), LatestRun(cfg.run_dir, cfg.get("latest_link")), *record, *configured]
     resumed_from = read_checkpoint(ckpt_path) if ckpt_path else None
     loggers = build_loggers(cfg.get("logger"), cfg.run_dir, resumed_from, sweep_names())
     trainer: L.Trainer = build(
@@ -78,9 +81,9 @@ def train(cfg: DictConfig) -> float | None:
         ) from err
     finally:
         finish_wandb_run(trainer)
-    stopped = trainer.checkpoint_callback.stop_message(trainer, cfg.run_dir) if trainer.checkpoint_callback else None
+    stopped = trainer.checkpoint_callback.stop_message(trainer) if trainer.checkpoint_callback else None
     if stopped:
-        raise RunStopped(stopped)
+        raise RunStopped(stopped, trainer.checkpoint_callback.signal_received)
     return report(trainer, monitor, cfg.run_dir)
 
 
@@ -106,7 +109,15 @@ def main(cfg: DictConfig) -> float | None:
     leaves no folder (or an earlier run's folder as it was)."""
     route_warnings_to_log()
     try:
-        final_val_loss = train(cfg)
+        plan = plan_run(cfg, hydra_choices())  # refuses what cannot work; writes nothing
+    except ConfigError as err:
+        return refused(cfg, err, own_folder=True)
+    try:
+        folder = claim_run_folder(cfg)  # the lock, the checkpoint to resume from, what it may change
+    except ConfigError as err:  # the folder may hold another run's work: nothing is written in it
+        return refused(cfg, err, own_folder=False)
+    try:
+        final_val_loss = train(cfg, folder, plan)
         write_result(cfg.run_dir, "completed", final_val_loss=final_val_loss)
         return final_val_loss
     except RunStopped as stop:
@@ -114,6 +125,7 @@ def main(cfg: DictConfig) -> float | None:
         # resume; in a sweep its value is NaN, as a failed run's is.
         log.info("%s", stop)
         write_result(cfg.run_dir, "stopped", error=str(stop))
+        hand_on(stop.signum)  # under SLURM: the requeue, through submitit's handler or scontrol
         if not in_multirun():
             return None
     except ConfigError as err:
@@ -129,6 +141,20 @@ def main(cfg: DictConfig) -> float | None:
             raise
         write_result(cfg.run_dir, "failed", error=f"{type(err).__name__}: {one_line(err)}")
         log.exception("This run failed; the sweep goes on")
+    finally:
+        folder.release()
+    return float("nan")
+
+
+def refused(cfg: DictConfig, err: ConfigError, own_folder: bool) -> float:
+    """A run refused before training: one line and exit 2, leaving no folder this command made;
+    in a sweep, NaN and (in the point's own folder) a failed result for the sweep table."""
+    if not in_multirun():
+        discard_untrained_run(cfg.run_dir)
+        exit_with(err)
+    if own_folder:
+        write_result(cfg.run_dir, "failed", error=one_line(err))
+    log.error("This run was refused: %s", one_line(err))
     return float("nan")
 
 

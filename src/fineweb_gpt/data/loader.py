@@ -7,9 +7,12 @@ through worker_init_fn, for every data source.
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fineweb_gpt.stop_signals import ignore_stop_signals
 
-def make_loader(dataset: Dataset, *, num_workers: int = 0, batch_size: int | None = None, worker_init_fn=None):
-    """A DataLoader over `dataset` in its own order: training streams batch themselves (batch_size=None)."""
+
+def make_loader(dataset: Dataset, *, num_workers: int = 0, batch_size: int | None = None):
+    """A DataLoader over `dataset` in its own order: training streams batch themselves (batch_size=None).
+    Its workers ignore the stop signals: the training process decides when to save and stop."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -17,5 +20,5 @@ def make_loader(dataset: Dataset, *, num_workers: int = 0, batch_size: int | Non
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
-        worker_init_fn=worker_init_fn,
+        worker_init_fn=ignore_stop_signals,
     )

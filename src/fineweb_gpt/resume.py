@@ -1,0 +1,353 @@
+"""How a run starts or resumes in its folder: the folder's lock, the checkpoint it resumes from,
+and whether this command may resume that checkpoint, all settled before anything is written.
+
+claim_run_folder locks the run folder (one run at a time), removes what a killed save left,
+picks the checkpoint (ckpt_path=<file>, ckpt_path=last, resume=auto), compares the checkpoint's
+settings with this command's (refusing what cannot work, warning about what changes the run),
+and only then writes Hydra's record of the run, .hydra/*.yaml (train.yaml turns Hydra's own
+writing off: Hydra writes those files before any code of ours runs). What the command may
+change takes effect from the resumed step: follow_the_command_schedule sets the learning rate.
+"""
+
+import fcntl
+import json
+import logging
+import os
+import shlex
+import socket
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from fineweb_gpt.errors import ConfigError, one_line
+from fineweb_gpt.model import GPTConfig
+from fineweb_gpt.run_folder import one_line_text, write_inside
+
+log = logging.getLogger("fineweb_gpt")
+CHECKPOINTS = "checkpoints"
+LAST = "last.ckpt"
+LOCK_FILE = ".lock"
+HYDRA_FILES = ".hydra"
+
+
+# --- reading checkpoints ----------------------------------------------------------------
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's contents on the CPU, memory-mapped (weights are not read until used)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def checkpoint_step(path: Path) -> tuple[int | None, str | None]:
+    """(its optimizer step, None) if the checkpoint loads, else (None, why not)."""
+    try:
+        checkpoint = read_checkpoint(path)
+        if "state_dict" not in checkpoint or "global_step" not in checkpoint:
+            return None, "not a training checkpoint"
+        return int(checkpoint["global_step"]), None
+    except Exception as err:  # every way a file can be damaged or unreadable
+        return None, one_line(err, limit=200)
+
+
+def saved_checkpoints(folder: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """The folder's checkpoints: {path: step} of those that load, {path: why} of those that do not.
+    last.ckpt counts as its target; a link that leads nowhere or out of the folder does not load."""
+    loadable, damaged = {}, {}
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.ckpt")):
+        if path.is_symlink():
+            target = Path(os.path.realpath(path))
+            if not target.exists():
+                damaged[str(path)] = f"links to {os.readlink(path)}, which is missing"
+            elif target.parent != folder.resolve():
+                damaged[str(path)] = f"links outside the folder, to {os.readlink(path)}"
+            continue  # a link inside the folder: its target is read as itself
+        step, problem = checkpoint_step(path)
+        if problem is None:
+            loadable[str(path)] = step
+        else:
+            damaged[str(path)] = problem
+    return loadable, damaged
+
+
+def resume_checkpoint(ckpt_path: str | None, resume: str | None, run_dir: str) -> str | None:
+    """The checkpoint to resume from: ckpt_path=<file>, or for ckpt_path=last and resume=auto the run
+    folder's loadable checkpoint of the highest step (a damaged newer one is named). When the folder
+    holds checkpoints and none loads, refuse: starting again would throw the run away."""
+    if resume not in (None, "auto"):
+        raise ConfigError(f"resume={resume} is not known; use resume=auto, or ckpt_path=<file> or ckpt_path=last")
+    if ckpt_path not in (None, "last"):
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={path} does not exist; give a checkpoint file, or ckpt_path=last")
+        _, problem = checkpoint_step(path)
+        if problem:
+            raise ConfigError(f"checkpoint {path} cannot be loaded ({problem}); use another checkpoint")
+        return str(path)
+    if ckpt_path is None and resume != "auto":
+        return None
+    folder = Path(run_dir) / CHECKPOINTS
+    loadable, damaged = saved_checkpoints(folder)
+    asked = "ckpt_path=last" if ckpt_path == "last" else "resume=auto"
+    if loadable:
+        path = max(loadable, key=lambda p: (loadable[p], p))
+        for other, problem in damaged.items():
+            log.warning("Checkpoint %s cannot be loaded (%s); resuming from %s", other, problem, path)
+        log.info("Resuming from %s (step %d)", path, loadable[path])
+        return path
+    if damaged:
+        listed = "; ".join(f"{Path(p).name}: {why}" for p, why in list(damaged.items())[:3])
+        more = f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+        raise ConfigError(
+            f"{asked} found checkpoints in {folder} but none loads ({listed}{more}); starting again would "
+            "lose the run: restore a readable checkpoint, or move these away to start from scratch"
+        )
+    if ckpt_path == "last":
+        raise ConfigError(
+            f"ckpt_path=last found no loadable checkpoint in {folder}; point hydra.run.dir at the run folder to resume"
+        )
+    log.info("resume=auto: no checkpoint in %s yet, starting from scratch", folder)
+    return None
+
+
+# --- may this command resume that checkpoint? ---------------------------------------------------
+
+# Resuming with another value of these cannot work: the weights or the optimizer state do not fit
+# (model), or the restored optimizer keeps the checkpoint's value and ignores the command's (optim).
+FIXED_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "arch")
+FIXED_OPTIM_KEYS = ("optimizer", "betas", "eps", "weight_decay", "muon_momentum")
+# These change the run from the resumed step on (the schedule follows the command's optim values).
+CHANGING_KEYS = (
+    "model.dropout",
+    "optim.lr",
+    "optim.min_lr",
+    "optim.warmup_steps",
+    "optim.muon_lr",
+    "total_batch_tokens",
+    "seed",
+    "max_tokens",
+    "trainer.max_steps",
+)
+
+
+def run_settings(checkpoint: dict) -> dict:
+    """The settings a checkpoint was trained with: the run config it carries (saved by RunFolder),
+    with the model and optimizer from its hyper-parameters (checkpoints older than that carry only these)."""
+    settings = dict(checkpoint.get("run_config") or {})
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "model_config" in hparams:
+        settings["model"] = {**GPTConfig().to_dict(), **hparams["model_config"]}
+        settings["optim"] = {**settings.get("optim", {}), **{k: v for k, v in hparams.items() if k != "model_config"}}
+    return settings
+
+
+def command_settings(config: dict) -> dict:
+    """This command's settings in the same shape, with the defaults the model and module fill in."""
+    import inspect
+
+    from fineweb_gpt.lit_module import GPTLightningModule
+
+    parameters = inspect.signature(GPTLightningModule.__init__).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    model = {**GPTConfig().to_dict(), **(config.get("model") or {})}
+    return {**config, "model": model, "optim": {**defaults, **(config.get("optim") or {})}}
+
+
+def setting(settings: dict, key: str):
+    value = settings
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def compare_with_checkpoint(old: dict, new: dict, checkpoint_path: str, step: int, derived=()) -> None:
+    """Refuse, in one line, a resume that cannot work; warn, in one line, about what changes the run.
+    `derived`: keys that only repeat another (data.seed: ${seed}), not named twice."""
+    fixed = [f"model.{k}" for k in FIXED_MODEL_KEYS] + [f"optim.{k}" for k in FIXED_OPTIM_KEYS]
+    refused = [key for key in fixed if setting(old, key) is not None and setting(old, key) != setting(new, key)]
+    if refused:
+        differences = ", ".join(f"{k}={setting(new, k)} (the checkpoint has {setting(old, k)})" for k in refused)
+        raise ConfigError(
+            f"cannot resume {checkpoint_path} with {differences}: a checkpoint's weights and optimizer state fit only "
+            "the model and optimizer they were trained with; resume with the checkpoint's values, or start a new run "
+            "folder (another hydra.run.dir)"
+        )
+    keys = [k for k in CHANGING_KEYS if k.startswith(("model.", "optim."))]
+    if "seed" in old:  # the checkpoint carries its run config: data, batch and length too
+        data = {**(old.get("data") or {}), **(new.get("data") or {})}
+        keys = [*CHANGING_KEYS, *(f"data.{k}" for k in sorted(data) if k != "num_workers")]
+    changed = [key for key in keys if key not in derived and setting(old, key) != setting(new, key)]
+    if not changed:
+        return
+    note = ""
+    if any(key.startswith("data.") or key == "seed" for key in changed):
+        note = (
+            " The data position is the checkpoint's: with other data or another seed, documents of the current "
+            "epoch may be skipped or seen twice."
+        )
+    log.warning(
+        "Resuming %s at step %d with settings that differ from the checkpoint's: %s; from here on the run "
+        "uses the new values.%s",
+        checkpoint_path,
+        step,
+        ", ".join(f"{key} {setting(old, key)} -> {setting(new, key)}" for key in changed),
+        note,
+    )
+
+
+def follow_the_command_schedule(trainer: L.Trainer) -> None:
+    """A resumed run's learning rate follows this command's optim.lr, min_lr and warmup_steps from
+    the resumed step. Lightning would restore the schedule's base rates from the checkpoint
+    (StepCheckpoint.on_load_checkpoint drops them) and the optimizer's current rates, which the
+    first resumed step uses: set those from the schedule, which gives the checkpoint's own rates
+    when nothing changed."""
+    for config in trainer.lr_scheduler_configs:
+        schedule = config.scheduler
+        if isinstance(schedule, torch.optim.lr_scheduler.LambdaLR):
+            for group, base, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+                group["lr"] = base * factor(schedule.last_epoch)
+
+
+# --- claiming the run folder ------------------------------------------------------------------
+
+
+class RunFolder(L.Callback):
+    """This run's hold on its folder: the lock (released by release()), the checkpoint it resumes
+    from, and, in every checkpoint it saves, the settings a later resume is compared with."""
+
+    def __init__(self, run_dir: Path, resume_from: str | None, config: dict, lock: int | None = None):
+        self.run_dir, self.resume_from, self.config, self._lock = Path(run_dir), resume_from, config, lock
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["run_config"] = self.config
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.ftruncate(self._lock, 0)
+            fcntl.lockf(self._lock, fcntl.LOCK_UN)
+            os.close(self._lock)
+            self._lock = None
+
+
+def claim_run_folder(cfg: DictConfig) -> RunFolder:
+    """Lock the run folder and settle what this run starts from, before anything is written in it.
+    A refusal is a one-line ConfigError; the folder is then left exactly as it was."""
+    run_dir = Path(cfg.run_dir)
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation that cannot be resolved: check_config names it later
+        config = OmegaConf.to_container(cfg)
+    if not is_first_process():  # DDP's other processes: rank 0 holds the folder
+        return RunFolder(run_dir, resume_checkpoint(cfg.ckpt_path, cfg.resume, cfg.run_dir), config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_folder(run_dir)
+    try:
+        remove_cut_off_saves(run_dir / CHECKPOINTS)
+        resume_from = resume_checkpoint(cfg.ckpt_path, cfg.resume, cfg.run_dir)
+        if resume_from is None:
+            refuse_a_fresh_start_over_checkpoints(run_dir / CHECKPOINTS)
+        else:
+            derived = {f"data.{key}" for key in cfg.data if OmegaConf.is_interpolation(cfg.data, key)}
+            check_resume(resume_from, run_dir / CHECKPOINTS, cfg.ckpt_path not in (None, "last"), config, derived)
+        write_hydra_record(run_dir, cfg)
+    except BaseException:
+        RunFolder(run_dir, None, config, lock).release()
+        raise
+    return RunFolder(run_dir, resume_from, config, lock)
+
+
+def is_first_process() -> bool:
+    """Global rank 0: Lightning's DDP processes and SLURM tasks carry their rank in the environment."""
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    return getattr(rank_zero_only, "rank", 0) == 0 and node == 0
+
+
+def lock_run_folder(run_dir: Path) -> int | None:
+    """Take the folder's lock (a POSIX lock on run_dir/.lock, dropped by the system when its holder
+    dies), or refuse in one line naming the process that holds it and the way past a stale one."""
+    path = run_dir / LOCK_FILE
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be opened as the run folder's lock ({err.strerror}); delete it") from err
+    try:
+        fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError) as err:
+        holder = lock_holder(descriptor)
+        os.close(descriptor)
+        raise ConfigError(
+            f"run folder {run_dir} is in use by {holder}: wait for that run to end, or stop it; if it no longer "
+            f"runs (a lock on a network filesystem can outlive a crashed node), delete {path} and run again"
+        ) from err
+    except OSError as err:  # a filesystem without locks
+        log.warning("Cannot lock %s (%s): nothing stops a second run in this folder at once", path, err.strerror)
+        return descriptor
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    holder["command"] = shlex.join(sys.argv)[:300]
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, json.dumps(holder).encode(), 0)
+    return descriptor
+
+
+def lock_holder(descriptor: int) -> str:
+    try:
+        holder = json.loads(os.pread(descriptor, 4096, 0))
+        return one_line_text(
+            f"process {holder['pid']} on {holder['host']} (since {holder['since']}: {holder['command']})", 400
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it did not say which)"
+
+
+def remove_cut_off_saves(folder: Path) -> None:
+    """Remove the temporaries of saves cut off by a kill (.<name>.<pid>.tmp): under the lock, no
+    other run is writing here."""
+    for leftover in folder.glob(".*.tmp"):
+        if leftover.is_file() or leftover.is_symlink():
+            leftover.unlink()
+            log.info("Removed %s, left by a save that was cut off", leftover)
+
+
+def refuse_a_fresh_start_over_checkpoints(folder: Path) -> None:
+    existing = sorted(p.name for p in folder.glob("*.ckpt"))
+    if existing:
+        raise ConfigError(
+            f"{folder} already holds checkpoints ({', '.join(existing[:3])}); a new run here would overwrite them: "
+            "add resume=auto to continue that run, or give another hydra.run.dir"
+        )
+
+
+def check_resume(path: str, folder: Path, explicit: bool, new: dict, derived: set[str]) -> None:
+    """Compare the checkpoint with this command. An explicit older checkpoint of this same folder
+    would mix two runs' checkpoints (last.ckpt and the newest two)."""
+    checkpoint = read_checkpoint(path)
+    step = int(checkpoint["global_step"])
+    if explicit and Path(path).resolve().parent == folder.resolve():
+        newer = sorted(s for s in saved_checkpoints(folder)[0].values() if s > step)
+        if newer:
+            raise ConfigError(
+                f"{folder} holds checkpoints newer than ckpt_path={path} (step {newer[-1]} > {step}): going on from an "
+                "older one here would mix two runs; to branch from it, give another hydra.run.dir"
+            )
+    compare_with_checkpoint(run_settings(checkpoint), command_settings(new), path, step, derived)
+
+
+def write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
+    """.hydra/config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them, once the run is
+    accepted (unless hydra.output_subdir is set, and Hydra wrote them itself)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is not None:
+        return
+    folder = run_dir / HYDRA_FILES
+    if folder.is_symlink():
+        raise ConfigError(f"{folder} is a link (to {os.readlink(folder)}); delete it, the run records its config there")
+    folder.mkdir(exist_ok=True)
+    write_inside(folder, "config.yaml", OmegaConf.to_yaml(cfg))
+    write_inside(folder, "hydra.yaml", OmegaConf.to_yaml(HydraConfig.instance().cfg))
+    write_inside(folder, "overrides.yaml", OmegaConf.to_yaml(HydraConfig.get().overrides.task))

@@ -1,0 +1,212 @@
+"""One run at a time in a run folder, and a resume settled before anything is written: the lock
+(issue 19, item 6) and the comparison of a checkpoint's settings with the command's (item 7)."""
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fineweb_gpt.data import bundled_sample_path
+from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.optimization import learning_rate
+from fineweb_gpt.resume import claim_run_folder, lock_run_folder
+from fineweb_gpt.run_folder import read_metrics
+from helpers import SMALL, cli_env, run_cli
+
+TESTS = Path(__file__).parent
+RUN = [*SMALL, "trainer.max_steps=2", "val_every_steps=2", "callbacks.model_checkpoint.every_n_train_steps=1"]
+
+
+def hold_the_lock(run_dir: Path, by_hand: bool = False) -> subprocess.Popen:
+    """Another process that takes the folder's lock and keeps it; returns once it holds it.
+    by_hand: a bare POSIX lock, without fineweb_gpt (and its imports)."""
+    lock = str(run_dir / ".lock")
+    take = (
+        f"import fcntl, os\nfcntl.lockf(os.open({lock!r}, os.O_RDWR | os.O_CREAT), fcntl.LOCK_EX)\n"
+        if by_hand
+        else f"import pathlib, fineweb_gpt.resume\nfineweb_gpt.resume.lock_run_folder(pathlib.Path({str(run_dir)!r}))\n"
+    )
+    script = take + "print('held', flush=True)\nimport time\ntime.sleep(600)\n"
+    holder = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_held_folder_is_refused_naming_the_holder_and_a_stale_lock_can_be_deleted(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = hold_the_lock(run_dir)
+    try:
+        with pytest.raises(ConfigError) as refused:
+            lock_run_folder(run_dir)
+        message = str(refused.value)
+        assert message.startswith(f"run folder {run_dir} is in use by process {holder.pid} on {os.uname().nodename}")
+        assert f" (since {time.strftime('%Y-%m-%d')}" in message and ": -c)" in message  # when, and its command line
+        assert message.endswith(f"delete {run_dir}/.lock and run again")
+        # The way past a lock whose holder cannot be reached (a crashed node on a network filesystem).
+        (run_dir / ".lock").unlink()
+        os.close(lock_run_folder(run_dir))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_of_a_killed_run_goes_with_it(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = hold_the_lock(run_dir, by_hand=True)
+    with pytest.raises(ConfigError, match="is in use by another process"):
+        lock_run_folder(run_dir)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    os.close(lock_run_folder(run_dir))  # no stale lock after kill -9: the system drops it
+
+
+@pytest.mark.slow
+def test_two_runs_of_the_same_command_the_second_is_refused_naming_the_first(tmp_path):
+    # A requeued job overlapping the old one, or the same command typed twice (issue 19, item 6):
+    # before, both trained into the folder, interleaving metrics.csv and forking the checkpoints.
+    run_dir = tmp_path / "run"
+    command = [*RUN, "trainer.max_steps=4", "resume=auto", f"hydra.run.dir={run_dir}"]
+    cue = tmp_path / "second_one_was_refused"
+    held = ["+callbacks.wait._target_=helpers.WaitForFile", f"+callbacks.wait.path={cue}"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "fineweb_gpt.train", *command, *held],
+        cwd=TESTS,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while b"pid" not in ((run_dir / ".lock").read_bytes() if (run_dir / ".lock").exists() else b""):
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.2)
+        second = run_cli(*command, cwd=TESTS)
+        cue.touch()
+        assert second.returncode == 2
+        line = second.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: run folder {run_dir} is in use by process {first.pid} on ")
+        assert "fineweb_gpt/train.py hw=cpu" in line  # the other run's command line
+        assert first.wait(timeout=600) == 0, first.stderr.read()
+    finally:
+        first.kill()
+    with open(run_dir / "csv" / "metrics.csv") as file:
+        rows = list(csv.reader(file))
+    assert {len(row) for row in rows} == {len(rows[0])}  # one header, every row aligned with it
+    trained = [int(row["step"]) for row in read_metrics(run_dir / "csv" / "metrics.csv") if "train/loss" in row]
+    assert trained == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "step000003.ckpt",
+        "step000004.ckpt",
+    ]
+
+
+# --- resuming with other settings -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A run folder two steps in, with checkpoints at steps 1 and 2, trained on a parquet file."""
+    folder = tmp_path_factory.mktemp("trained")
+    data = folder / "data" / "000_00000.parquet"
+    data.parent.mkdir()
+    shutil.copy(bundled_sample_path(), data)
+    result = run_cli(*RUN, "data=single_parquet", f"data.path={data}", f"hydra.run.dir={folder / 'run'}", cwd=TESTS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+def files(run_dir: Path) -> dict[Path, bytes]:
+    """Every file of a run folder and its bytes, but the lock and the log Hydra opens before any check."""
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name not in (".lock", "train.log")}
+
+
+def test_a_resume_that_cannot_work_is_refused_on_the_command_line_before_anything_is_written(tmp_path, trained):
+    # Before (issue 19, item 7): a traceback, after run_summary.json and .hydra/config.yaml had
+    # been overwritten with the new settings.
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained / "run", run_dir, symlinks=True)
+    before = files(run_dir)
+    data = f"data.path={trained / 'data' / '000_00000.parquet'}"
+    result = run_cli(
+        *RUN, "data=single_parquet", data, "model.n_embd=64", "resume=auto", f"hydra.run.dir={run_dir}", cwd=TESTS
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot resume {run_dir}/checkpoints/step000002.ckpt with model.n_embd=64 (the checkpoint has 32): "
+        "a checkpoint's weights and optimizer state fit only the model and optimizer they were trained with; resume "
+        "with the checkpoint's values, or start a new run folder (another hydra.run.dir)"
+    )
+    assert files(run_dir) == before  # run_summary.json, .hydra/*.yaml, result.json, csv, checkpoints
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.arch=modern", "resume=auto"], "with model.arch=modern (the checkpoint has gpt2): a checkpoint's"),
+        (["model.bias=true", "resume=auto"], "with model.bias=True (the checkpoint has False): a checkpoint's"),
+        (["optim=muon", "resume=auto"], "with optim.optimizer=muon (the checkpoint has adamw): a checkpoint's"),
+        (["optim.weight_decay=0.0", "resume=auto"], "with optim.weight_decay=0.0 (the checkpoint has 0.1)"),
+        (["ckpt_path=last", "model.n_layer=2"], "with model.n_layer=2 (the checkpoint has 1)"),
+        ([], "already holds checkpoints (last.ckpt, step000001.ckpt, step000002.ckpt); a new run here would"),
+        (["ckpt_path=RUN/checkpoints/step000001.ckpt"], "holds checkpoints newer than ckpt_path=RUN/checkpoints/step0"),
+    ],
+    ids=["arch", "bias", "optimizer", "weight_decay", "ckpt_path=last", "fresh start", "older checkpoint"],
+)
+def test_what_cannot_work_is_refused_with_the_folder_left_as_it_was(make_config, tmp_path, trained, overrides, message):
+    # The same claim the command line makes first (train.main), composed in this process.
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained / "run", run_dir, symlinks=True)
+    before = files(run_dir)
+    overrides = [o.replace("RUN", str(run_dir)) for o in overrides]
+    data = f"data.path={trained / 'data' / '000_00000.parquet'}"
+    cfg = make_config(*RUN, "data=single_parquet", data, *overrides)
+    with pytest.raises(ConfigError, match=re.escape(message.replace("RUN", str(run_dir)))):
+        claim_run_folder(cfg)
+    assert files(run_dir) == before
+
+
+def test_a_resume_with_changed_data_batch_seed_and_rate_is_warned_and_takes_the_new_values(tmp_path, trained):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained / "run", run_dir, symlinks=True)
+    moved = tmp_path / "elsewhere" / "000_00000.parquet"
+    moved.parent.mkdir()
+    shutil.copy(trained / "data" / "000_00000.parquet", moved)
+    old_lr = json.loads((run_dir / "run_summary.json").read_text())["lr"]
+    changed = ["data=single_parquet", f"data.path={moved}", "total_batch_tokens=512", "seed=7", "optim.lr=1e-3"]
+    result = run_cli(*RUN, *changed, "trainer.max_steps=4", "resume=auto", f"hydra.run.dir={run_dir}", cwd=TESTS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = next(line for line in result.stdout.splitlines() if "settings that differ" in line)
+    for difference in (
+        f"optim.lr {old_lr} -> 0.001",
+        "total_batch_tokens 256 -> 512",
+        "seed 1337 -> 7",
+        "trainer.max_steps 2 -> 4",
+        f"data.path {trained / 'data' / '000_00000.parquet'} -> {moved}",
+    ):
+        assert difference in warning
+    assert "documents of the current epoch may be skipped or seen twice" in warning
+    assert "data.seed" not in warning  # it only repeats seed
+    # The schedule follows the new optim.lr from the resumed step (before, the checkpoint's base
+    # rate was kept and multiplied by the new schedule's factors: neither old nor new).
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["lr"] == 1e-3 and summary["tokens_per_step"] == 512
+    logged = {
+        int(row["step"]): row["train/lr"] for row in read_metrics(run_dir / "csv" / "metrics.csv") if "train/lr" in row
+    }
+    for step in (3, 4):
+        expected = learning_rate(step, 1e-3, summary["min_lr"], summary["warmup_steps"], summary["max_steps"])
+        assert logged[step] == pytest.approx(expected, rel=1e-9)
+    assert "seed: 7" in (run_dir / ".hydra" / "config.yaml").read_text()  # the accepted run's record
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["run_config"]["seed"] == 7

@@ -5,6 +5,7 @@ plan.py read the composed config; everything they build receives plain arguments
 """
 
 import logging
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -23,7 +24,7 @@ from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.loggers import build_loggers, finish_wandb_run
 from fineweb_gpt.model import GPTConfig
 from fineweb_gpt.plan import out_of_memory_error, plan_run, trainer_arguments
-from fineweb_gpt.resume import RunFolder, claim_run_folder, read_checkpoint, resume_checkpoint
+from fineweb_gpt.resume import RunFolder, claim_run_folder, read_checkpoint, resume_checkpoint, write_hydra_record
 from fineweb_gpt.run_folder import write_result
 
 log = logging.getLogger("fineweb_gpt")
@@ -152,7 +153,9 @@ def refused(cfg: DictConfig, err: ConfigError, own_folder: bool) -> float:
     if not in_multirun():
         discard_untrained_run(cfg.run_dir)
         exit_with(err)
-    if own_folder:
+    if own_folder:  # the point's own folder: its record and result, for the sweep table
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        write_hydra_record(Path(cfg.run_dir), cfg)
         write_result(cfg.run_dir, "failed", error=one_line(err))
     log.error("This run was refused: %s", one_line(err))
     return float("nan")

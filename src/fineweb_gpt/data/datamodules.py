@@ -159,18 +159,9 @@ class FineWebDataModule(StreamDataModule):
         hf_repo: str | None = None,
         hf_files=None,
         cache_dir: str | None = None,
-        text_column: str = "text",
-        val_fraction: float = 0.005,
-        val_tokens: int | None = 1_048_576,
-        num_workers: int = 2,
-        rows_per_chunk: int = 1024,
-        seed: int = 1337,
+        **shared,  # text_column, val_fraction, val_tokens, num_workers, rows_per_chunk, seed: see DataSettings
     ):
-        super().__init__(
-            DataSettings(
-                block_size, micro_batch_size, text_column, val_fraction, val_tokens, num_workers, rows_per_chunk, seed
-            )
-        )
+        super().__init__(DataSettings(block_size, micro_batch_size, **shared))
         if bool(hf_repo) != bool(hf_files):
             raise ConfigError(
                 "data.hf_repo and data.hf_files go together, e.g. data.hf_repo=HuggingFaceFW/fineweb "
@@ -179,7 +170,7 @@ class FineWebDataModule(StreamDataModule):
         self.hub = (hf_repo, hf_files, cache_dir) if hf_repo else None
         # Local files are checked now, so a bad path stops the run before anything starts.
         files = [bundled_sample_path()] if bundled_sample else None if self.hub else resolve_parquet_files(path, paths)
-        self.infos = [inspect_parquet(f, text_column) for f in files] if files else None
+        self.infos = [inspect_parquet(f, self.settings.text_column) for f in files] if files else None
         self.files = files or []
 
     def prepare_data(self) -> None:
@@ -214,18 +205,9 @@ class HubStreamDataModule(StreamDataModule):
         data_files=None,
         split: str = "train",
         revision: str | None = None,
-        text_column: str = "text",
-        val_fraction: float = 0.01,
-        val_tokens: int | None = 524_288,
-        num_workers: int = 2,
-        rows_per_chunk: int = 1024,
-        seed: int = 1337,
+        **shared,  # text_column, val_fraction, val_tokens, num_workers, rows_per_chunk, seed: see DataSettings
     ):
-        super().__init__(
-            DataSettings(
-                block_size, micro_batch_size, text_column, val_fraction, val_tokens, num_workers, rows_per_chunk, seed
-            )
-        )
+        super().__init__(DataSettings(block_size, micro_batch_size, **shared))
         if not dataset:
             raise ConfigError(
                 "data.dataset has no value: name a Hub dataset, e.g. data.dataset=HuggingFaceFW/fineweb "

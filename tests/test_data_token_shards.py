@@ -215,7 +215,7 @@ def final_val_loss(run_dir: Path) -> float:
 @pytest.mark.slow
 def test_token_shards_train_to_the_parquet_paths_val_loss(sample_shards, tmp_path):
     """Same documents, same validation windows: the val loss matches within the noise of the data order."""
-    steps = ["trainer.max_steps=120", "val_every_steps=60", "optim.warmup_steps=10", "data.val_tokens=4096"]
+    steps = ["trainer.max_steps=60", "val_every_steps=30", "optim.warmup_steps=10", "data.val_tokens=4096"]
 
     def train(name: str, *data: str) -> float:
         result = run_cli(*SMALL, *steps, *data, f"hydra.run.dir={tmp_path / name}", cwd=TESTS_DIR)

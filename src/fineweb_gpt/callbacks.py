@@ -265,6 +265,21 @@ class RunMonitor(L.Callback):
 
     # --- checkpoints ----------------------------------------------------------------------
 
+    def report(self, trainer: L.Trainer) -> float | None:
+        """Log how the run ended and where its files are; returns the final val loss."""
+        final = float(trainer.callback_metrics["val/loss"]) if "val/loss" in trainer.callback_metrics else None
+        log.info(
+            "Finished %d steps, %s tokens. Final val loss: %s",
+            trainer.global_step,
+            human_count(self.tokens_seen),
+            f"{final:.4f}" if final is not None else "n/a",
+        )
+        checkpoint = next((c for c in trainer.checkpoint_callbacks if c.last_model_path), None)
+        if checkpoint is not None:
+            log.info("Checkpoint: %s", checkpoint.last_model_path)
+        log.info("Run folder: %s", self.run_dir)
+        return final
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # A resumed run reads this to continue the same W&B run.
         for logger in trainer.loggers:

@@ -17,6 +17,11 @@ import lightning as L
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from fineweb_gpt.config_files import in_multirun
+from fineweb_gpt.errors import ConfigError, exit_with, one_line
+from fineweb_gpt.resume import write_hydra_record
+from fineweb_gpt.run_folder import write_result
+
 log = logging.getLogger("fineweb_gpt")
 
 made_by_this_command: dict[str, list[Path]] = {}  # run folder -> the folders Hydra makes for it, innermost first
@@ -107,3 +112,17 @@ def close_logs_inside(folder: Path) -> None:
             if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(folder):
                 logger.removeHandler(handler)
                 handler.close()
+
+
+def refuse_run(cfg: DictConfig, err: ConfigError, own_folder: bool) -> float:
+    """A run refused before training: one line and exit 2, leaving no folder this command made;
+    in a sweep, NaN and (in the point's own folder) a failed result for the sweep table."""
+    if not in_multirun():
+        discard_untrained_run(cfg.run_dir)
+        exit_with(err)
+    if own_folder:  # the point's own folder: its record and result, for the sweep table
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        write_hydra_record(Path(cfg.run_dir), cfg)
+        write_result(cfg.run_dir, "failed", error=one_line(err))
+    log.error("This run was refused: %s", one_line(err))
+    return float("nan")

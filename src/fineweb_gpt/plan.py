@@ -148,22 +148,20 @@ def check_fsdp(strategy, accelerator: str, world_size: int) -> None:
         )
 
 
-def out_of_memory_error(total_batch_tokens: int, micro_batch_size: int, block_size: int, world_size: int, params):
+def out_of_memory_error(plan: dict, block_size: int) -> ConfigError:
     """The one-line advice for a CUDA out-of-memory error: the largest smaller micro-batch that
     still divides the tokens per step (accumulation grows to match)."""
-    smaller = next(
-        (m for m in range(micro_batch_size - 1, 0, -1) if total_batch_tokens % (m * block_size * world_size) == 0),
-        None,
-    )
+    tokens, micro, ranks = plan["tokens_per_step"], plan["micro_batch_size"], plan["world_size"]
+    smaller = next((m for m in range(micro - 1, 0, -1) if tokens % (m * block_size * ranks) == 0), None)
     advice = (
         f"use hw.micro_batch_size={smaller} (gradient accumulation becomes "
-        f"{total_batch_tokens // (smaller * block_size * world_size)}, still {total_batch_tokens} tokens per step)"
+        f"{tokens // (smaller * block_size * ranks)}, still {tokens} tokens per step)"
         if smaller
         else "use a smaller model.block_size or model"
     )
     return ConfigError(
-        f"CUDA out of memory at hw.micro_batch_size={micro_batch_size} (block {block_size}, "
-        f"{human_count(params)} parameters); {advice}"
+        f"CUDA out of memory at hw.micro_batch_size={micro} (block {block_size}, "
+        f"{human_count(plan['num_params'])} parameters); {advice}"
     )
 
 

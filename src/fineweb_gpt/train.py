@@ -5,7 +5,6 @@ plan.py read the composed config; everything they build receives plain arguments
 """
 
 import logging
-from pathlib import Path
 
 import hydra
 import lightning as L
@@ -18,13 +17,12 @@ from fineweb_gpt.checkpointing import RunStopped, hand_on
 from fineweb_gpt.config_files import build, config_dir, hydra_choices, in_multirun, sweep_names
 from fineweb_gpt.console import StepProgressBar, route_warnings_to_log
 from fineweb_gpt.errors import ConfigError, exit_with, one_line
-from fineweb_gpt.flops import human_count
-from fineweb_gpt.latest_run import LatestRun, discard_untrained_run, started_training
+from fineweb_gpt.latest_run import LatestRun, discard_untrained_run, refuse_run, started_training
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.loggers import build_loggers, finish_wandb_run
 from fineweb_gpt.model import GPTConfig
 from fineweb_gpt.plan import out_of_memory_error, plan_run, trainer_arguments
-from fineweb_gpt.resume import RunFolder, claim_run_folder, read_checkpoint, resume_checkpoint, write_hydra_record
+from fineweb_gpt.resume import RunFolder, claim_run_folder, read_checkpoint, resume_checkpoint
 from fineweb_gpt.run_folder import write_result
 
 log = logging.getLogger("fineweb_gpt")
@@ -73,35 +71,13 @@ def train(cfg: DictConfig, folder: RunFolder | None = None, plan: dict | None = 
         # One fit, evaluating at step 0, every val_every_steps and at the last step (see RunMonitor).
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except torch.cuda.OutOfMemoryError as err:
-        raise out_of_memory_error(
-            cfg.total_batch_tokens,
-            plan["micro_batch_size"],
-            cfg.data.block_size,
-            plan["world_size"],
-            plan["num_params"],
-        ) from err
+        raise out_of_memory_error(plan, cfg.data.block_size) from err
     finally:
         finish_wandb_run(trainer)
     stopped = trainer.checkpoint_callback.stop_message(trainer) if trainer.checkpoint_callback else None
     if stopped:
         raise RunStopped(stopped, trainer.checkpoint_callback.signal_received)
-    return report(trainer, monitor, cfg.run_dir)
-
-
-def report(trainer: L.Trainer, monitor: RunMonitor, run_dir: str) -> float | None:
-    """Log how the run ended and where its files are; returns the final val loss."""
-    final_val_loss = float(trainer.callback_metrics["val/loss"]) if "val/loss" in trainer.callback_metrics else None
-    log.info(
-        "Finished %d steps, %s tokens. Final val loss: %s",
-        trainer.global_step,
-        human_count(monitor.tokens_seen),
-        f"{final_val_loss:.4f}" if final_val_loss is not None else "n/a",
-    )
-    checkpoint = next((c for c in trainer.checkpoint_callbacks if c.last_model_path), None)
-    if checkpoint is not None:
-        log.info("Checkpoint: %s", checkpoint.last_model_path)
-    log.info("Run folder: %s", run_dir)
-    return final_val_loss
+    return monitor.report(trainer)
 
 
 def main(cfg: DictConfig) -> float | None:
@@ -112,11 +88,11 @@ def main(cfg: DictConfig) -> float | None:
     try:
         plan = plan_run(cfg, hydra_choices())  # refuses what cannot work; writes nothing
     except ConfigError as err:
-        return refused(cfg, err, own_folder=True)
+        return refuse_run(cfg, err, own_folder=True)
     try:
         folder = claim_run_folder(cfg)  # the lock, the checkpoint to resume from, what it may change
     except ConfigError as err:  # the folder may hold another run's work: nothing is written in it
-        return refused(cfg, err, own_folder=False)
+        return refuse_run(cfg, err, own_folder=False)
     try:
         final_val_loss = train(cfg, folder, plan)
         write_result(cfg.run_dir, "completed", final_val_loss=final_val_loss)
@@ -144,20 +120,6 @@ def main(cfg: DictConfig) -> float | None:
         log.exception("This run failed; the sweep goes on")
     finally:
         folder.release()
-    return float("nan")
-
-
-def refused(cfg: DictConfig, err: ConfigError, own_folder: bool) -> float:
-    """A run refused before training: one line and exit 2, leaving no folder this command made;
-    in a sweep, NaN and (in the point's own folder) a failed result for the sweep table."""
-    if not in_multirun():
-        discard_untrained_run(cfg.run_dir)
-        exit_with(err)
-    if own_folder:  # the point's own folder: its record and result, for the sweep table
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        write_hydra_record(Path(cfg.run_dir), cfg)
-        write_result(cfg.run_dir, "failed", error=one_line(err))
-    log.error("This run was refused: %s", one_line(err))
     return float("nan")
 
 

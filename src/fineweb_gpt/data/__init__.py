@@ -32,7 +32,8 @@ source; the first val_tokens of them form a fixed set scored at every evaluation
 Nothing here reads a file or imports `datasets` at import time.
 """
 
-from fineweb_gpt.data.datamodules import FineWebDataModule, HubStreamDataModule, TokenShardDataModule
+import importlib
+
 from fineweb_gpt.data.holdout import is_validation_document, read_documents
 from fineweb_gpt.data.loader import make_loader
 from fineweb_gpt.data.parquet_files import bundled_sample_path, inspect_parquet, resolve_parquet_files
@@ -56,3 +57,11 @@ __all__ = [
     "resolve_parquet_files",
     "tokenize_documents",
 ]
+
+
+def __getattr__(name: str):
+    """The DataModules on first use (the config's `_target_: fineweb_gpt.data.FineWebDataModule`):
+    they bring in Lightning, which fineweb-gpt-tokenize and the doctor never need."""
+    if name in ("FineWebDataModule", "HubStreamDataModule", "TokenShardDataModule"):
+        return getattr(importlib.import_module("fineweb_gpt.data.datamodules"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,6 +24,7 @@ from fineweb_gpt.data import (
     resolve_parquet_files,
     tokenize_documents,
 )
+from fineweb_gpt.data.tokens import NO_TOKENS, packed_carry, unpacked_carry
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.tokenizer import END_OF_TEXT_ID, gpt2_tokenizer
 from fineweb_gpt.train import train
@@ -361,3 +362,12 @@ def test_bad_data_setting_is_one_line_on_the_command_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: data.block_size=0 must be at least 1;")
     assert "Traceback" not in result.stderr
+
+
+def test_carried_tokens_round_trip_and_older_checkpoints_lists_still_read():
+    """A stream position keeps the tokens carried into its chunk packed; every GPT-2 id (and the
+    padded vocabulary's) comes back, and positions saved as a list of ints still resume."""
+    carried = np.array([0, 1, 220, END_OF_TEXT_ID, 50303], dtype=np.int64)
+    assert unpacked_carry(packed_carry(carried)).tolist() == carried.tolist()
+    assert unpacked_carry(carried.tolist()).tolist() == carried.tolist()
+    assert unpacked_carry(packed_carry(NO_TOKENS)).tolist() == []

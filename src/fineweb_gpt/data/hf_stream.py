@@ -20,16 +20,22 @@ resumed run continues bit for bit, as long as the dataset has not changed in bet
 data.revision to a commit to pin a Hub dataset).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 from torch.utils.data import get_worker_info
 
 from fineweb_gpt.data.holdout import is_validation_document
 from fineweb_gpt.data.parquet_files import as_list, expand_paths, is_text_type
 from fineweb_gpt.data.parquet_stream import no_window_error
 from fineweb_gpt.data.ranks_and_workers import TrainStream
-from fineweb_gpt.data.tokens import NO_TOKENS, cut_windows, shuffled_order, tokenize_documents
+from fineweb_gpt.data.tokens import (
+    NO_TOKENS,
+    cut_windows,
+    packed_carry,
+    shuffled_order,
+    tokenize_documents,
+    unpacked_carry,
+)
 from fineweb_gpt.errors import ConfigError, one_line
 
 
@@ -99,7 +105,7 @@ class HubPosition:
     chunk: int = 0  # chunks of the epoch read before the current one
     state: dict | None = None  # the share's state_dict() before the current chunk; None: the epoch's start
     window: int = 0  # windows of the chunk already yielded
-    carry: list[int] = field(default_factory=list)  # tokens carried into the chunk
+    carry: str = ""  # tokens carried into the chunk (tokens.packed_carry)
     skipped: int = 0  # empty documents skipped this epoch
 
 
@@ -137,7 +143,7 @@ class HubTextStream(TrainStream):
             fsspec.asyn.reset_lock()  # a forked worker must not wait on its parent's fsspec lock (as datasets does)
         s = self.settings
         start = HubPosition(**self.start.get(stream, {}))
-        epoch, carry, skipped = start.epoch, np.array(start.carry, dtype=np.int64), start.skipped
+        epoch, carry, skipped = start.epoch, unpacked_carry(start.carry), start.skipped
         resuming = start != HubPosition(epoch=start.epoch)
         while True:
             share = self.share(stream, epoch)
@@ -151,9 +157,9 @@ class HubTextStream(TrainStream):
                 if first_window == 0:
                     skipped += empty
                 windows, rest = cut_windows(carry, tokenize_documents(texts), s.window)
-                order = shuffled_order(len(windows), s.seed, epoch, stream, c)
+                order, carried = shuffled_order(len(windows), s.seed, epoch, stream, c), packed_carry(carry)
                 for w in range(first_window, len(windows)):
-                    yield windows[order[w]], HubPosition(epoch, c, state, w + 1, carry.tolist(), skipped)
+                    yield windows[order[w]], HubPosition(epoch, c, state, w + 1, carried, skipped)
                 produced += len(windows) - first_window
                 carry = rest
             if produced == 0 and not resuming:

@@ -12,16 +12,22 @@ chunk) follows from the seed, so a resumed run re-reads only the current chunk a
 with the very batches the uninterrupted run would have seen, bit for bit.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from fineweb_gpt.data.holdout import document_keys, is_validation_document
 from fineweb_gpt.data.parquet_files import ParquetInfo, reading
 from fineweb_gpt.data.ranks_and_workers import TrainStream, Unit, plan_units, units_of_stream
 from fineweb_gpt.data.settings import DataSettings
-from fineweb_gpt.data.tokens import NO_TOKENS, cut_windows, shuffled_order, tokenize_documents
+from fineweb_gpt.data.tokens import (
+    NO_TOKENS,
+    cut_windows,
+    packed_carry,
+    shuffled_order,
+    tokenize_documents,
+    unpacked_carry,
+)
 from fineweb_gpt.errors import ConfigError
 
 
@@ -33,7 +39,7 @@ class StreamPosition:
     unit: int = 0  # index into the stream's units for this epoch
     chunk: int = 0  # index of the chunk of rows within the unit
     window: int = 0  # windows of the chunk already yielded
-    carry: list[int] = field(default_factory=list)  # tokens carried into the chunk
+    carry: str = ""  # tokens carried into the chunk (tokens.packed_carry)
     skipped: int = 0  # empty documents skipped this epoch
 
 
@@ -81,7 +87,7 @@ class TokenWindowStream(TrainStream):
         """(window, position after it) for one stream, epoch after epoch, from its start position."""
         s = self.settings
         pos = StreamPosition(**self.start.get(stream, {}))
-        epoch, carry, skipped = pos.epoch, np.array(pos.carry, dtype=np.int64), pos.skipped
+        epoch, carry, skipped = pos.epoch, unpacked_carry(pos.carry), pos.skipped
         resume = (pos.unit, pos.chunk, pos.window)
         while True:
             units = self.stream_units(stream, epoch)
@@ -94,9 +100,9 @@ class TokenWindowStream(TrainStream):
                     if first_window == 0:
                         skipped += empty
                     windows, rest = cut_windows(carry, tokenize_documents(texts), s.window)
-                    order = shuffled_order(len(windows), s.seed, epoch, units[u], c)
+                    order, carried = shuffled_order(len(windows), s.seed, epoch, units[u], c), packed_carry(carry)
                     for w in range(first_window, len(windows)):
-                        yield windows[order[w]], StreamPosition(epoch, u, c, w + 1, carry.tolist(), skipped)
+                        yield windows[order[w]], StreamPosition(epoch, u, c, w + 1, carried, skipped)
                     produced += len(windows) - first_window
                     carry = rest
             if produced == 0 and resume == (0, 0, 0):

@@ -24,7 +24,8 @@ from fineweb_gpt.data import (
     resolve_parquet_files,
     tokenize_documents,
 )
-from fineweb_gpt.data.tokens import NO_TOKENS, packed_carry, unpacked_carry
+from fineweb_gpt.data.ranks_and_workers import packed_carry, unpacked_carry
+from fineweb_gpt.data.tokens import NO_TOKENS
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.tokenizer import END_OF_TEXT_ID, gpt2_tokenizer
 from fineweb_gpt.train import train

@@ -27,15 +27,8 @@ from torch.utils.data import get_worker_info
 from fineweb_gpt.data.holdout import is_validation_document
 from fineweb_gpt.data.parquet_files import as_list, expand_paths, is_text_type
 from fineweb_gpt.data.parquet_stream import no_window_error
-from fineweb_gpt.data.ranks_and_workers import TrainStream
-from fineweb_gpt.data.tokens import (
-    NO_TOKENS,
-    cut_windows,
-    packed_carry,
-    shuffled_order,
-    tokenize_documents,
-    unpacked_carry,
-)
+from fineweb_gpt.data.ranks_and_workers import TrainStream, packed_carry, unpacked_carry
+from fineweb_gpt.data.tokens import NO_TOKENS, cut_windows, shuffled_order, tokenize_documents
 from fineweb_gpt.errors import ConfigError, one_line
 
 
@@ -105,7 +98,7 @@ class HubPosition:
     chunk: int = 0  # chunks of the epoch read before the current one
     state: dict | None = None  # the share's state_dict() before the current chunk; None: the epoch's start
     window: int = 0  # windows of the chunk already yielded
-    carry: str = ""  # tokens carried into the chunk (tokens.packed_carry)
+    carry: str = ""  # tokens carried into the chunk (ranks_and_workers.packed_carry)
     skipped: int = 0  # empty documents skipped this epoch
 
 

@@ -18,16 +18,16 @@ import pyarrow.parquet as pq
 
 from fineweb_gpt.data.holdout import document_keys, is_validation_document
 from fineweb_gpt.data.parquet_files import ParquetInfo, reading
-from fineweb_gpt.data.ranks_and_workers import TrainStream, Unit, plan_units, units_of_stream
-from fineweb_gpt.data.settings import DataSettings
-from fineweb_gpt.data.tokens import (
-    NO_TOKENS,
-    cut_windows,
+from fineweb_gpt.data.ranks_and_workers import (
+    TrainStream,
+    Unit,
     packed_carry,
-    shuffled_order,
-    tokenize_documents,
+    plan_units,
+    units_of_stream,
     unpacked_carry,
 )
+from fineweb_gpt.data.settings import DataSettings
+from fineweb_gpt.data.tokens import NO_TOKENS, cut_windows, shuffled_order, tokenize_documents
 from fineweb_gpt.errors import ConfigError
 
 
@@ -39,7 +39,7 @@ class StreamPosition:
     unit: int = 0  # index into the stream's units for this epoch
     chunk: int = 0  # index of the chunk of rows within the unit
     window: int = 0  # windows of the chunk already yielded
-    carry: str = ""  # tokens carried into the chunk (tokens.packed_carry)
+    carry: str = ""  # tokens carried into the chunk (ranks_and_workers.packed_carry)
     skipped: int = 0  # empty documents skipped this epoch
 
 

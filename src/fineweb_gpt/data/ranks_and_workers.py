@@ -97,3 +97,18 @@ class TrainStream(IterableDataset):
                 windows = torch.from_numpy(np.array(batch, dtype=np.int64))
                 yield {"windows": windows, "stream": stream, "position": asdict(position)}
                 batch = []
+
+
+def packed_carry(carry: np.ndarray) -> str:
+    """The tokens carried into a chunk, as a stream position holds them: one hex string (of
+    uint16 ids), which passes through the DataLoader's collate and into a checkpoint as one
+    value, where a list of ints would be copied and converted number by number for every
+    micro-batch (as much time as tokenizing it)."""
+    return carry.astype(np.uint16).tobytes().hex()
+
+
+def unpacked_carry(carry: str | list[int]) -> np.ndarray:
+    """packed_carry's tokens back as int64 (checkpoints written before it hold a list)."""
+    if isinstance(carry, str):
+        return np.frombuffer(bytes.fromhex(carry), dtype=np.uint16).astype(np.int64)
+    return np.array(carry, dtype=np.int64)

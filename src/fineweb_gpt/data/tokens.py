@@ -29,21 +29,6 @@ def cut_windows(carry: np.ndarray, tokens: np.ndarray, window: int) -> tuple[np.
     return joined[: count * window].reshape(count, window), joined[count * window :]
 
 
-def packed_carry(carry: np.ndarray) -> str:
-    """The tokens carried into a chunk, as a stream position holds them: one hex string (of
-    uint16 ids), which passes through the DataLoader's collate and into a checkpoint as one
-    value, where a list of ints would be copied and converted number by number for every
-    micro-batch (as much time as tokenizing it)."""
-    return carry.astype(np.uint16).tobytes().hex()
-
-
-def unpacked_carry(carry: str | list[int]) -> np.ndarray:
-    """packed_carry's tokens back as int64 (checkpoints written before it hold a list)."""
-    if isinstance(carry, str):
-        return np.frombuffer(bytes.fromhex(carry), dtype=np.uint16).astype(np.int64)
-    return np.array(carry, dtype=np.int64)
-
-
 def shuffled_order(count: int, *key: int) -> np.ndarray:
     """A permutation of range(count) that depends only on the key (seed, epoch, where)."""
     return np.random.default_rng(list(key)).permutation(count)

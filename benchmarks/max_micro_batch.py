@@ -21,14 +21,13 @@ from fineweb_gpt.errors import ConfigError, exit_with, one_line
 
 def trial(model: str, micro_batch: int, memory_gb: float, compile_model: bool) -> dict:
     """Train 3 steps at this micro-batch under the memory cap; report peak memory or OOM."""
-    from fineweb_gpt.lit_module import GPTLightningModule
-    from fineweb_gpt.model import compile_gpt
+    from fineweb_gpt.model import GPT, GPTConfig, compile_gpt
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gb * 2**30 / total))
     torch.backends.cuda.matmul.allow_tf32 = True
     model_config = load_option("model", model)
-    gpt = GPTLightningModule(model_config=model_config).model.cuda()
+    gpt = GPT(GPTConfig(**model_config)).cuda()
     step_model = compile_gpt(gpt) if compile_model else gpt
     optimizer = torch.optim.AdamW(gpt.parameters(), lr=1e-4, fused=True)
     block = model_config["block_size"]
@@ -36,7 +35,7 @@ def trial(model: str, micro_batch: int, memory_gb: float, compile_model: bool) -
         for _ in range(3):
             tokens = torch.randint(0, 50257, (micro_batch, block + 1), device="cuda")
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = step_model(tokens[:, :-1], tokens[:, 1:])
+                _, loss = step_model(tokens[:, :-1], tokens[:, 1:], fused_loss=compile_model)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -27,7 +27,7 @@ from fineweb_gpt.callbacks import RunMonitor
 from fineweb_gpt.config_files import config_dir, load_option
 from fineweb_gpt.flops import flops_per_token, gpu_for_device, gpu_table, model_flops_utilization
 from fineweb_gpt.lit_module import GPTLightningModule
-from fineweb_gpt.model import GPTConfig, compile_gpt
+from fineweb_gpt.model import GPT, GPTConfig, compile_gpt
 from fineweb_gpt.optimization import learning_rate
 from fineweb_gpt.plan import run_plan
 
@@ -76,9 +76,9 @@ def project_plan(args, model_config: dict, num_params: int, precision: str) -> d
 
 def lightning_round(args, model_config, windows, device, precision) -> float:
     torch.manual_seed(0)
-    optim = {"lr": LR, "min_lr": MIN_LR, "warmup_steps": WARMUP, "weight_decay": 0.1}
+    optim = {**load_option("optim", "adamw"), "lr": LR, "min_lr": MIN_LR, "warmup_steps": WARMUP, "weight_decay": 0.1}
     module = GPTLightningModule(
-        model_config=model_config, **optim, compile_model=args.compile, compile_tuning=args.compile_tuning
+        model_config=model_config, optim=optim, compile_model=args.compile, compile_tuning=args.compile_tuning
     )
     plan = project_plan(args, model_config, module.model.num_params(), precision)
     timer = StepTimer(args.warmup)
@@ -104,7 +104,7 @@ def lightning_round(args, model_config, windows, device, precision) -> float:
 def bare_round(args, model_config, windows, device, precision) -> float:
     """nanoGPT's training loop on the same model and batches."""
     torch.manual_seed(0)
-    gpt = GPTLightningModule(model_config=model_config).model.to(device)
+    gpt = GPT(GPTConfig(**model_config)).to(device)
     model = compile_gpt(gpt, args.compile_tuning) if args.compile else gpt
     params = [p for p in gpt.parameters() if p.requires_grad]
     groups = [
@@ -125,7 +125,7 @@ def bare_round(args, model_config, windows, device, precision) -> float:
         for _ in range(args.accumulation):
             batch = next(batches).to(device, non_blocking=True)
             with autocast:
-                _, loss = model(batch[:, :-1], batch[:, 1:])
+                _, loss = model(batch[:, :-1], batch[:, 1:], fused_loss=args.compile)
             (loss / args.accumulation).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -171,7 +171,7 @@ def main() -> None:
         if args.hw
         else (getattr(gpu_for_device(name), "peak_flops", None) if on_gpu else None)
     )
-    probe = GPTLightningModule(model_config=model_config).model
+    probe = GPT(GPTConfig(**model_config))
     per_token = flops_per_token(
         probe.num_params(), model_config["n_layer"], model_config["n_head"], model_config["n_embd"], block
     )

@@ -34,6 +34,15 @@ SMALL = [
 ]
 
 
+def lightning_module(model_config: dict, optimizer: str = "adamw", **optim):
+    """A GPTLightningModule with the optimizer's settings from conf/optim/<optimizer>.yaml, as a
+    run gets them, and `optim` overriding some."""
+    from fineweb_gpt.config_files import load_option
+    from fineweb_gpt.lit_module import GPTLightningModule
+
+    return GPTLightningModule(model_config=model_config, optim={**load_option("optim", optimizer), **optim})
+
+
 def quiet_cpu_trainer(**kwargs) -> L.Trainer:
     """A Lightning Trainer on the CPU that writes nothing: no logs, checkpoints, bars or summary."""
     quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

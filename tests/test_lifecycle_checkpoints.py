@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from fineweb_gpt.checkpointing import BesideFileCheckpointIO
-from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.errors import DiskFull
 from fineweb_gpt.resume import remove_cut_off_saves
 from fineweb_gpt.run_folder import read_metrics
 from helpers import SMALL, cli_env, run_cli
@@ -69,7 +69,7 @@ def test_a_full_disk_at_the_last_moment_leaves_the_old_file_whole_and_says_so_in
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(ConfigError) as refused:
+    with pytest.raises(DiskFull) as refused:
         writer.save_checkpoint(checkpoint(1, fill=4.0), folder / "step000002.ckpt")
     message = str(refused.value)
     assert "\n" not in message
@@ -128,13 +128,13 @@ def test_a_really_full_disk_with_tmpdir_elsewhere(small_tmpfs, empty_tmpdir, wri
     save = (TorchCheckpointIO() if writer == "lightning" else BesideFileCheckpointIO()).save_checkpoint
     save(checkpoint(20, fill=2.0), folder / "step000002.ckpt")
     save(checkpoint(20, fill=4.0), folder / "step000004.ckpt")
-    with pytest.raises((OSError, ConfigError)) as failed:
+    with pytest.raises((OSError, DiskFull)) as failed:
         save(checkpoint(20, fill=6.0), folder / "step000006.ckpt")
     assert loads(folder / "step000002.ckpt") == 2.0 and loads(folder / "step000004.ckpt") == 4.0
     if writer == "lightning":  # the failure this replaces
         assert (folder / "step000006.ckpt").exists() and loads(folder / "step000006.ckpt") is None
     else:
-        assert isinstance(failed.value, ConfigError) and "No space left on device" in str(failed.value)
+        assert isinstance(failed.value, DiskFull) and "No space left on device" in str(failed.value)
         assert sorted(p.name for p in folder.iterdir()) == ["step000002.ckpt", "step000004.ckpt"]
     shutil.rmtree(empty_tmpdir)  # what Lightning's writer leaves there is not this test's concern
 

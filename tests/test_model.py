@@ -234,8 +234,9 @@ def test_compiled_training_step_fuses_the_head_and_matches_eager():
     model = GPT(GPTConfig(block_size=32, vocab_size=512, n_layer=2, n_head=2, n_embd=32))
     tokens = torch.randint(0, 512, (4, 33))
     losses, grads = [], []
-    for step_model in (model, compile_gpt(model)):
-        logits, loss = step_model(tokens[:, :-1], tokens[:, 1:])
+    # The training step asks a compiled model for the fused loss (lit_module.training_step).
+    for step_model, fused_loss in ((model, False), (compile_gpt(model), True)):
+        logits, loss = step_model(tokens[:, :-1], tokens[:, 1:], fused_loss=fused_loss)
         loss.backward()
         losses.append(loss.item())
         grads.append([p.grad.clone() for p in model.parameters()])

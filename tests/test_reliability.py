@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fineweb_gpt.config_files import load_option
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.flops import human_count, param_count
 from fineweb_gpt.lit_module import GPTLightningModule, LossGuard
@@ -270,10 +271,8 @@ def test_a_skipped_spike_leaves_the_weights_alone(caplog):
     SPIKE_AT = 80
     module = GPTLightningModule(
         model_config=dict(block_size=8, n_layer=1, n_head=1, n_embd=16),
-        lr=1e-2,
-        warmup_steps=1,
-        spike_factor=2.0,
-        spike_action="skip",
+        optim={**load_option("optim", "adamw"), "lr": 1e-2, "warmup_steps": 1},
+        loss_guard={"spike_factor": 2.0, "action": "skip"},
     )
     before = {}
 

@@ -11,11 +11,10 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.model import GPT, GPTConfig, KVCache
 from fineweb_gpt.sample import DEFAULTS, MAX_NEW_TOKENS, generate_samples, load_model, main
 from fineweb_gpt.tokenizer import gpt2_tokenizer
-from helpers import quiet_cpu_trainer
+from helpers import lightning_module, quiet_cpu_trainer
 
 TEXT = "The quick brown fox jumps over the lazy dog, and the dog dreams of the sea. "
 BLOCK = 32
@@ -28,7 +27,7 @@ def memorised_checkpoint(tmp_path_factory):
     windows = torch.tensor([ids[i : i + BLOCK + 1] for i in range(len(ids) - BLOCK - 1)])
     L.seed_everything(0)
     model_config = dict(block_size=BLOCK, n_layer=1, n_head=2, n_embd=64)
-    module = GPTLightningModule(model_config=model_config, lr=1e-2, min_lr=1e-3, warmup_steps=10)
+    module = lightning_module(model_config, lr=1e-2, min_lr=1e-3, warmup_steps=10)
     trainer = quiet_cpu_trainer(
         max_steps=120,
     )

@@ -94,10 +94,10 @@ def test_modern_and_muon_variants_train(make_config, variant):
 def muon_module_and_optimizer(seed: int):
     import lightning as L
 
-    from fineweb_gpt.lit_module import GPTLightningModule
+    from helpers import lightning_module
 
     torch.manual_seed(seed)
-    module = GPTLightningModule(model_config=dict(block_size=8, n_layer=2, n_head=2, n_embd=16), optimizer="muon")
+    module = lightning_module(dict(block_size=8, n_layer=2, n_head=2, n_embd=16), "muon")
     module.trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=False)
     return module, module.configure_optimizers()["optimizer"]
 

@@ -94,7 +94,7 @@ def test_a_warmup_longer_than_the_run_is_fitted_to_it(make_config):
     cfg = make_config(*SMALL, "trainer.max_steps=4", "val_every_steps=4", "optim.warmup_steps=200")
     train(cfg)  # warms up over a tenth of 4 steps: none
     checkpoint = torch.load(Path(cfg.run_dir) / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["hyper_parameters"]["warmup_steps"] == 0
+    assert checkpoint["hyper_parameters"]["optim"]["warmup_steps"] == 0
     with open(Path(cfg.run_dir) / "csv" / "metrics.csv") as f:
         rates = {int(r["step"]): float(r["train/lr"]) for r in csv.DictReader(f) if r["train/lr"]}
     assert rates == {s: pytest.approx(learning_rate(s, cfg.optim.lr, cfg.optim.min_lr, 0, 4)) for s in (1, 2, 3, 4)}
@@ -185,10 +185,10 @@ def test_every_trainer_argument_can_be_set_from_the_command_line():
 def test_gradients_are_clipped_to_the_trainer_norm():
     import lightning as L
 
-    from fineweb_gpt.lit_module import GPTLightningModule
+    from helpers import lightning_module
 
     torch.manual_seed(0)
-    module = GPTLightningModule(model_config=dict(block_size=8, n_layer=1, n_head=1, n_embd=16), lr=1e-3)
+    module = lightning_module(dict(block_size=8, n_layer=1, n_head=1, n_embd=16), lr=1e-3)
     norms_at_step = []
 
     class NormAtStep(L.Callback):

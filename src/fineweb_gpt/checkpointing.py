@@ -26,7 +26,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_utilities.core.rank_zero import rank_zero_only
 
-from fineweb_gpt.errors import ConfigError, one_line
+from fineweb_gpt.errors import DiskFull, one_line
 from fineweb_gpt.resume import follow_the_command_schedule, saved_checkpoints
 from fineweb_gpt.stop_signals import stop_signals, warning_signals
 
@@ -101,7 +101,7 @@ class BesideFileCheckpointIO(TorchCheckpointIO):
                 os.remove(temporary)
             full = disk_full(err)
             if full:
-                raise ConfigError(
+                raise DiskFull(
                     f"{full.strerror} writing checkpoint {path}: nothing of it is left, and the checkpoints "
                     f"saved before are whole ({newest_saved(path.parent)}); free space, then resume with resume=auto"
                 ) from err

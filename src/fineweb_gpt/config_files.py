@@ -12,7 +12,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fineweb_gpt.errors import ConfigError, one_line
+from fineweb_gpt.errors import ConfigError, UserError, one_line
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -32,21 +32,27 @@ def group_options(group: str) -> list[str]:
 
 
 def load_option(group: str, option: str) -> dict:
-    """One option's settings as a plain dict, e.g. load_option('model', '124m')."""
+    """One option's settings as a plain dict, e.g. load_option('model', '124m'), with the options
+    of its own group that it extends first (optim/muon.yaml: `defaults: [adamw, _self_]`)."""
     path = config_dir() / group / f"{option}.yaml"
     if not path.is_file():
         raise ConfigError(f"{group}={option} is not a {group} option; choose one of {', '.join(group_options(group))}")
-    return OmegaConf.to_container(OmegaConf.load(path))
+    own = OmegaConf.load(path)
+    defaults = list(own.pop("defaults", None) or [])
+    merged = OmegaConf.create()
+    for entry in defaults if "_self_" in defaults else [*defaults, "_self_"]:  # Hydra's order: _self_ last
+        merged = OmegaConf.merge(merged, own if entry == "_self_" else load_option(group, entry))
+    return OmegaConf.to_container(merged)
 
 
 def build(node: DictConfig, refusals: tuple = (), **kwargs):
-    """hydra.utils.instantiate, letting the constructor's one-line ConfigError through unwrapped,
+    """hydra.utils.instantiate, letting the constructor's one-line UserError through unwrapped,
     and the target's refusal of its settings (`refusals`, e.g. Lightning's MisconfigurationException)
     as one line too."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError):
+        if isinstance(err.__cause__, UserError):
             raise err.__cause__ from None
         if refusals and isinstance(err.__cause__, refusals):
             raise ConfigError(f"{node._target_} refused its settings: {one_line(err.__cause__)}") from None

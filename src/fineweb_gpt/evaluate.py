@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from fineweb_gpt.config_files import build, config_dir
-from fineweb_gpt.errors import ConfigError, exit_with
+from fineweb_gpt.errors import ConfigError, OutOfMemory, UserError, exit_with
 from fineweb_gpt.model import GPT
-from fineweb_gpt.sample import load_checkpoint
+from fineweb_gpt.run.checkpoint_files import load_gpt
 
 SPLITS = {"val": "held-out documents", "all": "every document"}
 
@@ -104,7 +104,7 @@ def score(model: GPT, batches, device: str, batch_size: int) -> tuple[float, int
                 loss_sum += loss.double() * batch.size(0)
                 windows, block_size = windows + batch.size(0), batch.size(1) - 1
     except torch.cuda.OutOfMemoryError as err:
-        raise ConfigError(f"CUDA out of memory at batch_size={batch_size}; use batch_size={batch_size // 2}") from err
+        raise OutOfMemory(f"CUDA out of memory at batch_size={batch_size}; use batch_size={batch_size // 2}") from err
     if windows == 0:
         raise ConfigError("the data gave no window to score; use more data or a smaller data.block_size")
     return float(loss_sum) / windows, windows, block_size
@@ -113,7 +113,7 @@ def score(model: GPT, batches, device: str, batch_size: int) -> tuple[float, int
 def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     """Score cfg.ckpt on cfg.data: the results, and the JSON file they were written to."""
     device, out = check_options(cfg)
-    model, checkpoint = load_checkpoint(cfg.ckpt)
+    model, checkpoint = load_gpt(cfg.ckpt)
     step = checkpoint.get("global_step")
     del checkpoint  # optimizer state included: no need to hold it while scoring
     if device == "cuda":
@@ -164,7 +164,7 @@ def summary(result: dict, out: Path) -> str:
 def main(cfg: DictConfig) -> None:
     try:
         result, out = evaluate(cfg)
-    except ConfigError as err:
+    except UserError as err:
         exit_with(err)
     print(summary(result, out))
 

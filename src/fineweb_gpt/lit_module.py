@@ -8,9 +8,10 @@ from collections import deque
 import lightning as L
 import torch
 
-from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.errors import ConfigError, TrainingDiverged
 from fineweb_gpt.model import GPT, GPTConfig, compile_gpt
-from fineweb_gpt.optimization import build_optimizer, learning_rates, warmup_cosine
+from fineweb_gpt.optimization import build_optimizer, check_optimizer, learning_rates, warmup_cosine
+from fineweb_gpt.random_state import capture_rng_states, restore_rng_states
 from fineweb_gpt.tokenizer import END_OF_TEXT_ID, GPT2_RANKS_SHA256
 
 log = logging.getLogger("fineweb_gpt")
@@ -41,32 +42,24 @@ class LossGuard:
 
 
 class GPTLightningModule(L.LightningModule):
+    """The GPT's training and validation steps. `optim` is the config's optim group as it stands
+    (conf/optim/*.yaml hold every value; warmup_steps fitted to the run by the plan), `loss_guard`
+    the config's loss_guard group."""
+
     def __init__(
         self,
         model_config: dict,
-        lr: float = 6e-4,
-        min_lr: float = 6e-5,
-        weight_decay: float = 0.1,
-        warmup_steps: int = 200,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        optimizer: str = "adamw",
-        muon_lr: float = 0.02,
-        muon_momentum: float = 0.95,
-        spike_factor: float | None = None,
-        spike_action: str = "stop",
+        optim: dict,
+        loss_guard: dict | None = None,
         compile_model: bool = False,
         compile_tuning: bool = False,
     ):
         super().__init__()
         # Stored in every checkpoint, so a checkpoint alone can rebuild the model.
         self.save_hyperparameters()
-        if optimizer not in ("adamw", "muon"):
-            raise ConfigError(f"optim.optimizer={optimizer!r} is not known; use optim=adamw or optim=muon")
-        if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-            raise ConfigError(f"optim=muon needs torch.optim.Muon (torch 2.9 or newer; this is {torch.__version__})")
+        check_optimizer(optim["optimizer"])
         self.model = GPT(GPTConfig(**model_config))
-        self.guard = LossGuard(spike_factor, spike_action)
+        self.guard = LossGuard(**(loss_guard or {}))
         # Of the last optimizer step: mean loss over its micro-batches, gradient norm before clipping.
         self.step_loss: torch.Tensor | None = None
         self.step_loss_value: float | None = None  # the same, read once per step
@@ -92,10 +85,7 @@ class GPTLightningModule(L.LightningModule):
         # With the model config in hyper_parameters, this makes a checkpoint self-contained.
         checkpoint["tokenizer"] = {"name": "gpt2", "ranks_sha256": GPT2_RANKS_SHA256, "end_of_text_id": END_OF_TEXT_ID}
         # Dropout draws from these: a resumed run continues the same random streams.
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        checkpoint["rng_states"] = capture_rng_states(("torch", "cuda"))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
@@ -105,36 +95,38 @@ class GPTLightningModule(L.LightningModule):
         # random stream, which the uninterrupted run did not do between these two steps.
         states, self._rng_to_restore = self._rng_to_restore, None
         if states:
-            torch.set_rng_state(states["torch"])
-            if states["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
+            restore_rng_states(states)
 
     def training_step(self, windows: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # windows: (micro_batch, block_size + 1) tokens; targets are the inputs shifted by one.
-        _, loss = self.step_model(windows[:, :-1], windows[:, 1:])
+        # Compiled, the head and the loss are fused (the logits are never needed in training).
+        _, loss = self.step_model(windows[:, :-1], windows[:, 1:], fused_loss=self.hparams.compile_model)
         self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
         self._micro_batches += 1
-        return loss  # logged per optimizer step by callbacks.RunMonitor
+        return loss  # logged per optimizer step by monitor.StepMetrics
 
     def validation_step(self, windows: torch.Tensor, batch_idx: int) -> None:
         _, loss = self.step_model(windows[:, :-1], windows[:, 1:])
-        # For checkpoint callbacks and the progress bar; RunMonitor writes it to the loggers.
+        # For checkpoint callbacks and the progress bar; the monitor writes it to the loggers.
         self.log("val/loss", loss, prog_bar=True, logger=False, sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Once per optimizer step, after the last micro-batch's backward and before clipping:
+        # the step's loss is the mean over its micro-batches, and a spike is judged before the update.
+        self.step_loss, self._loss_sum, self._micro_batches = self._loss_sum / self._micro_batches, None, 0
+        if self.guard.spike_factor is not None:  # judging before the update costs a wait for the GPU
+            self.judge_step(optimizer, float(self.step_loss), before_update=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer even in bf16,
         # where no loss scaling needs undoing, so clip by norm here.
-        # Called once per optimizer step, after the last micro-batch's backward.
-        self.step_loss, self._loss_sum, self._micro_batches = self._loss_sum / self._micro_batches, None, 0
         if gradient_clip_algorithm not in (None, "norm"):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        else:
-            # With no clipping asked for, an infinite limit still measures the norm for the logs.
-            limit = gradient_clip_val or float("inf")
-            sharded = getattr(self.trainer.model, "clip_grad_norm_", None)  # FSDP: the norm over every shard
-            self.grad_norm = sharded(limit) if sharded else torch.nn.utils.clip_grad_norm_(self.parameters(), limit)
-        if self.guard.spike_factor is not None:  # judging before the update costs a wait for the GPU
-            self.judge_step(optimizer, float(self.step_loss), before_update=True)
+            return
+        # With no clipping asked for, an infinite limit still measures the norm for the logs.
+        limit = gradient_clip_val or float("inf")
+        sharded = getattr(self.trainer.model, "clip_grad_norm_", None)  # FSDP: the norm over every shard
+        self.grad_norm = sharded(limit) if sharded else torch.nn.utils.clip_grad_norm_(self.parameters(), limit)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -159,26 +151,18 @@ class GPTLightningModule(L.LightningModule):
                     p.grad = None  # AdamW leaves parameters without gradients alone
             return
         what = f"train loss is {loss}" if verdict == "nonfinite" else f"train loss spiked to {loss:.4f}"
-        raise ConfigError(
+        raise TrainingDiverged(
             f"{what} at step {step} (lr {lr:.2e}); the run stopped there and {kept}: "
             "lower optim.lr or raise optim.warmup_steps, then resume from that checkpoint with ckpt_path=..."
         )
 
     def configure_optimizers(self):
-        hp = self.hparams
+        optim = self.hparams.optim
         # Fused AdamW on CUDA, except with fp16 loss scaling: Lightning must unscale the
         # gradients before clipping, and cannot with a fused optimizer.
         fused = self.device.type == "cuda" and not str(self.trainer.precision).startswith("16")
-        optimizer = build_optimizer(
-            self.model,
-            hp.optimizer,
-            lr=hp.lr,
-            weight_decay=hp.weight_decay,
-            betas=tuple(hp.betas),
-            eps=hp.eps,
-            fused=fused,
-            muon_lr=hp.muon_lr,
-            muon_momentum=hp.muon_momentum,
+        optimizer = build_optimizer(self.model, optim, fused=fused)
+        schedule = warmup_cosine(
+            optimizer, optim["lr"], optim["min_lr"], optim["warmup_steps"], decay_steps=self.trainer.max_steps
         )
-        schedule = warmup_cosine(optimizer, hp.lr, hp.min_lr, hp.warmup_steps, decay_steps=self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -14,7 +14,7 @@ whole prefix.
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from itertools import repeat
 
@@ -75,6 +75,12 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# The model's settings, the one list that resume, the doctor and the export read. All but dropout
+# fix what the weights mean: a checkpoint resumes, loads or exports only under its own values.
+MODEL_KEYS = tuple(f.name for f in fields(GPTConfig))
+ARCHITECTURE_KEYS = tuple(key for key in MODEL_KEYS if key != "dropout")
 
 
 class KVCache:
@@ -252,16 +258,17 @@ class GPT(nn.Module):
             total -= self.position_embedding.weight.numel()
         return total
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, fused_loss: bool = False):
         """idx: (batch, seq) token ids. Returns (logits, loss); loss is None without targets.
 
-        Compiled and training, the logits are never returned (None): the head and the loss are
-        fused chunk by chunk (see HeadCrossEntropy), which is faster and saves their memory.
+        fused_loss (training, compiled): the head and the loss are fused chunk by chunk (see
+        HeadCrossEntropy), which is faster compiled and never holds the whole logits; the logits
+        are then not returned (None). The training step asks for it; evaluation does not.
         """
         hidden = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(hidden), None
-        if torch.compiler.is_compiling() and torch.is_grad_enabled():
+        if fused_loss:
             hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
             return None, HeadCrossEntropy.apply(hidden, self.lm_head.weight, targets, LOSS_CHUNK_ROWS)
         logits = self.lm_head(hidden)

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from fineweb_gpt.errors import ConfigError
+
 
 def learning_rate(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
     """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at decay_steps.
@@ -29,38 +31,43 @@ def warmup_cosine(optimizer, lr: float, min_lr: float, warmup_steps: int, decay_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_optimizer(
-    model: nn.Module,
-    optimizer: str,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    fused: bool = False,
-    muon_lr: float = 0.02,
-    muon_momentum: float = 0.95,
-) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (linear weights and embeddings; gains and biases
-    stay free). optimizer="muon": Muon orthogonalises the updates of the blocks' weight
+OPTIMIZERS = ("adamw", "muon")
+
+
+def check_optimizer(name: str) -> None:
+    """Refuse, in one line, an optimizer that is not known or that this torch lacks."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optim.optimizer={name!r} is not known; use optim=adamw or optim=muon")
+    if name == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"optim=muon needs torch.optim.Muon (torch 2.9 or newer; this is {torch.__version__})")
+
+
+def build_optimizer(model: nn.Module, optim: dict, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer `optim` (the config's optim group: conf/optim/*.yaml hold every value) asks for.
+
+    AdamW with weight decay on matrices only (linear weights and embeddings; gains and biases
+    stay free). optimizer=muon: Muon orthogonalises the updates of the blocks' weight
     matrices; the embedding (tied to the head) and the gains stay with AdamW, as Muon's
     authors advise. Each param group says which optimizer it belongs to (group["optimizer"])."""
+    check_optimizer(optim["optimizer"])
     params = [p for p in model.parameters() if p.requires_grad]
-    hidden = {id(p) for p in model.blocks.parameters() if p.dim() == 2} if optimizer == "muon" else set()
+    muon = optim["optimizer"] == "muon"
+    hidden = {id(p) for p in model.blocks.parameters() if p.dim() == 2} if muon else set()
     rest = [p for p in params if id(p) not in hidden]
     groups = [
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "optimizer": "adamw"},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": optim["weight_decay"], "optimizer": "adamw"},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "optimizer": "adamw"},
     ]
-    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"], fused=fused)
     if not hidden:
         return adamw
     # Muon's own learning rate (its orthogonalised updates have unit scale); the schedule
     # scales it by the same warmup and decay as AdamW's.
     muon = torch.optim.Muon(
         [{"params": [p for p in params if id(p) in hidden], "optimizer": "muon"}],
-        lr=muon_lr,
-        weight_decay=weight_decay,
-        momentum=muon_momentum,
+        lr=optim["muon_lr"],
+        weight_decay=optim["weight_decay"],
+        momentum=optim["muon_momentum"],
     )
     return CombinedOptimizer([muon, adamw])
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fineweb_gpt.config_schema import check_values, typed
 from fineweb_gpt.data.settings import check_data_config
-from fineweb_gpt.errors import ConfigError, one_line
+from fineweb_gpt.errors import ConfigError, OutOfMemory, one_line
 from fineweb_gpt.flops import chinchilla_tokens, flops_per_token, gpu_for_device, human_count
 from fineweb_gpt.model import GPT, GPTConfig
 from fineweb_gpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
@@ -148,7 +148,7 @@ def check_fsdp(strategy, accelerator: str, world_size: int) -> None:
         )
 
 
-def out_of_memory_error(plan: dict, block_size: int) -> ConfigError:
+def out_of_memory_error(plan: dict, block_size: int) -> OutOfMemory:
     """The one-line advice for a CUDA out-of-memory error: the largest smaller micro-batch that
     still divides the tokens per step (accumulation grows to match)."""
     tokens, micro, ranks = plan["tokens_per_step"], plan["micro_batch_size"], plan["world_size"]
@@ -159,7 +159,7 @@ def out_of_memory_error(plan: dict, block_size: int) -> ConfigError:
         if smaller
         else "use a smaller model.block_size or model"
     )
-    return ConfigError(
+    return OutOfMemory(
         f"CUDA out of memory at hw.micro_batch_size={micro} (block {block_size}, "
         f"{human_count(plan['num_params'])} parameters); {advice}"
     )

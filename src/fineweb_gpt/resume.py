@@ -24,8 +24,9 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from fineweb_gpt.errors import ConfigError, one_line
-from fineweb_gpt.model import GPTConfig
+from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.model import ARCHITECTURE_KEYS, GPTConfig
+from fineweb_gpt.run.checkpoint_files import checkpoint_step, read_checkpoint, saved_checkpoints
 from fineweb_gpt.run_folder import one_line_text, write_inside
 
 log = logging.getLogger("fineweb_gpt")
@@ -36,43 +37,6 @@ HYDRA_FILES = ".hydra"
 
 
 # --- reading checkpoints ----------------------------------------------------------------
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's contents on the CPU, memory-mapped (weights are not read until used)."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
-def checkpoint_step(path: Path) -> tuple[int | None, str | None]:
-    """(its optimizer step, None) if the checkpoint loads, else (None, why not)."""
-    try:
-        checkpoint = read_checkpoint(path)
-        if "state_dict" not in checkpoint or "global_step" not in checkpoint:
-            return None, "not a training checkpoint"
-        return int(checkpoint["global_step"]), None
-    except Exception as err:  # every way a file can be damaged or unreadable
-        return None, one_line(err, limit=200)
-
-
-def saved_checkpoints(folder: Path) -> tuple[dict[str, int], dict[str, str]]:
-    """The folder's checkpoints: {path: step} of those that load, {path: why} of those that do not.
-    last.ckpt counts as its target; a link that leads nowhere or out of the folder does not load."""
-    loadable, damaged = {}, {}
-    folder = Path(folder)
-    for path in sorted(folder.glob("*.ckpt")):
-        if path.is_symlink():
-            target = Path(os.path.realpath(path))
-            if not target.exists():
-                damaged[str(path)] = f"links to {os.readlink(path)}, which is missing"
-            elif target.parent != folder.resolve():
-                damaged[str(path)] = f"links outside the folder, to {os.readlink(path)}"
-            continue  # a link inside the folder: its target is read as itself
-        step, problem = checkpoint_step(path)
-        if problem is None:
-            loadable[str(path)] = step
-        else:
-            damaged[str(path)] = problem
-    return loadable, damaged
 
 
 def resume_checkpoint(ckpt_path: str | None, resume: str | None, run_dir: str) -> str | None:
@@ -119,7 +83,6 @@ def resume_checkpoint(ckpt_path: str | None, resume: str | None, run_dir: str) -
 
 # Resuming with another value of these cannot work: the weights or the optimizer state do not fit
 # (model), or the restored optimizer keeps the checkpoint's value and ignores the command's (optim).
-FIXED_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "arch")
 FIXED_OPTIM_KEYS = ("optimizer", "betas", "eps", "weight_decay", "muon_momentum")
 # These change the run from the resumed step on (the schedule follows the command's optim values).
 CHANGING_KEYS = (
@@ -137,25 +100,20 @@ CHANGING_KEYS = (
 
 def run_settings(checkpoint: dict) -> dict:
     """The settings a checkpoint was trained with: the run config it carries (saved by RunFolder),
-    with the model and optimizer from its hyper-parameters (checkpoints older than that carry only these)."""
+    with the model and optimizer from its hyper-parameters (checkpoints older than that carry only
+    these; older still keep the optimizer's values beside model_config rather than under optim)."""
     settings = dict(checkpoint.get("run_config") or {})
     hparams = checkpoint.get("hyper_parameters") or {}
     if "model_config" in hparams:
         settings["model"] = {**GPTConfig().to_dict(), **hparams["model_config"]}
-        settings["optim"] = {**settings.get("optim", {}), **{k: v for k, v in hparams.items() if k != "model_config"}}
+        flat = {k: v for k, v in hparams.items() if k not in ("model_config", "loss_guard", "optim")}
+        settings["optim"] = {**settings.get("optim", {}), **(hparams.get("optim") or flat)}
     return settings
 
 
 def command_settings(config: dict) -> dict:
-    """This command's settings in the same shape, with the defaults the model and module fill in."""
-    import inspect
-
-    from fineweb_gpt.lit_module import GPTLightningModule
-
-    parameters = inspect.signature(GPTLightningModule.__init__).parameters.values()
-    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
-    model = {**GPTConfig().to_dict(), **(config.get("model") or {})}
-    return {**config, "model": model, "optim": {**defaults, **(config.get("optim") or {})}}
+    """This command's settings in the same shape, with the defaults the model fills in."""
+    return {**config, "model": {**GPTConfig().to_dict(), **(config.get("model") or {})}}
 
 
 def setting(settings: dict, key: str):
@@ -168,7 +126,9 @@ def setting(settings: dict, key: str):
 def compare_with_checkpoint(old: dict, new: dict, checkpoint_path: str, step: int, derived=()) -> None:
     """Refuse, in one line, a resume that cannot work; warn, in one line, about what changes the run.
     `derived`: keys that only repeat another (data.seed: ${seed}), not named twice."""
-    fixed = [f"model.{k}" for k in FIXED_MODEL_KEYS] + [f"optim.{k}" for k in FIXED_OPTIM_KEYS]
+    # Optimizer keys this command's optimizer has (an adamw run has no muon_momentum to compare).
+    fixed = [f"model.{k}" for k in ARCHITECTURE_KEYS] + [f"optim.{k}" for k in FIXED_OPTIM_KEYS]
+    fixed = [key for key in fixed if not key.startswith("optim.") or setting(new, key) is not None]
     refused = [key for key in fixed if setting(old, key) is not None and setting(old, key) != setting(new, key)]
     if refused:
         differences = ", ".join(f"{k}={setting(new, k)} (the checkpoint has {setting(old, k)})" for k in refused)
@@ -177,10 +137,12 @@ def compare_with_checkpoint(old: dict, new: dict, checkpoint_path: str, step: in
             "the model and optimizer they were trained with; resume with the checkpoint's values, or start a new run "
             "folder (another hydra.run.dir)"
         )
-    keys = [k for k in CHANGING_KEYS if k.startswith(("model.", "optim."))]
+    in_command = [k for k in CHANGING_KEYS if not k.startswith("optim.") or setting(new, k) is not None]
+    keys = [k for k in in_command if k.startswith(("model.", "optim."))]
     if "seed" in old:  # the checkpoint carries its run config: data, batch and length too
         data = {**(old.get("data") or {}), **(new.get("data") or {})}
-        keys = [*CHANGING_KEYS, *(f"data.{k}" for k in sorted(data) if k != "num_workers")]
+        keys = [k for k in in_command if not k.startswith("data.")]
+        keys += [f"data.{k}" for k in sorted(data) if k != "num_workers"]
     changed = [key for key in keys if key not in derived and setting(old, key) != setting(new, key)]
     if not changed:
         return

@@ -17,6 +17,7 @@ from pathlib import Path
 from lightning_utilities.core.rank_zero import rank_zero_only  # the one Lightning sets the rank on
 
 from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.model import MODEL_KEYS
 
 METRICS_FILE = Path("csv") / "metrics.csv"
 SUMMARY_FILE = "run_summary.json"
@@ -132,9 +133,8 @@ def summary_from_hydra_config(run_dir: Path, config: dict) -> dict:
 
     model, optim, hw = (config.get(key) or {} for key in ("model", "optim", "hw"))
     max_steps = (config.get("trainer") or {}).get("max_steps")
-    model_keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "bias")
     summary = {
-        **{key: model.get(key) for key in model_keys},
+        **{key: model.get(key) for key in MODEL_KEYS if key in model},
         **{key: optim.get(key) for key in ("lr", "min_lr", "warmup_steps", "weight_decay")},
         "micro_batch_size": hw.get("micro_batch_size"),
         "peak_flops": hw.get("peak_flops"),

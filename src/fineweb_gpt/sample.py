@@ -21,9 +21,10 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from fineweb_gpt.errors import ConfigError, exit_with
-from fineweb_gpt.model import GPT, GPTConfig
-from fineweb_gpt.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, GPT2_RANKS_SHA256, gpt2_tokenizer
+from fineweb_gpt.errors import ConfigError, UserError, exit_with
+from fineweb_gpt.model import GPT
+from fineweb_gpt.run.checkpoint_files import load_gpt
+from fineweb_gpt.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, gpt2_tokenizer
 
 DEFAULTS = {
     "ckpt": None,
@@ -107,52 +108,9 @@ def parse_options(args: list[str]) -> dict:
     return options
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[GPT, dict]:
-    """The GPT saved in a fineweb_gpt checkpoint, in eval mode, and the checkpoint itself,
-    after checking that it is whole, names the bundled tokenizer and holds finite weights."""
-    path = Path(path)
-    try:
-        is_file, is_folder = path.is_file(), path.is_dir()
-    except OSError as err:  # a name too long for the filesystem, a folder we may not enter, ...
-        raise ConfigError(f"ckpt={path} cannot be read ({err.strerror}); give a .ckpt from training") from err
-    if not is_file:
-        what = "is a folder" if is_folder else "does not exist"
-        raise ConfigError(f"ckpt={path} {what}; give a checkpoint such as <run folder>/checkpoints/last.ckpt")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged file fails inside the unpickler in many ways (IndexError, EOFError, ...)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"ckpt={path} is not a readable checkpoint ({reason}); give a .ckpt from training") from err
-    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint.get("hyper_parameters", {}):
-        raise ConfigError(f"ckpt={path} holds no model config; give a checkpoint written by fineweb_gpt.train")
-    if "tokenizer" not in checkpoint:
-        raise ConfigError(f"ckpt={path} does not name its tokenizer; use a checkpoint saved by fineweb_gpt.train")
-    tokenizer_hash = checkpoint["tokenizer"].get("ranks_sha256")
-    if tokenizer_hash != GPT2_RANKS_SHA256:
-        raise ConfigError(
-            f"ckpt={path} was trained with tokenizer ranks sha256 {tokenizer_hash}, not the bundled GPT-2 ranks "
-            f"{GPT2_RANKS_SHA256}, so its token ids would decode to the wrong text; sample it with the code that "
-            "trained it"
-        )
-    model = GPT(GPTConfig(**checkpoint["hyper_parameters"]["model_config"]))
-    # The LightningModule holds the GPT as `model`, so its weights are saved under "model.".
-    weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise ConfigError(
-            f"ckpt={path} holds weights that do not fit its own model config ({str(err).splitlines()[0]}); "
-            "give a checkpoint written by fineweb_gpt.train"
-        ) from err
-    damaged = next((name for name, w in weights.items() if not torch.isfinite(w).all()), None)
-    if damaged:
-        raise ConfigError(f"ckpt={path} holds non-finite weights (nan or inf in {damaged}); use an earlier checkpoint")
-    return model.to(device).eval(), checkpoint
-
-
 def load_model(path: str | Path, device: str = "cpu") -> GPT:
-    """The GPT saved in a fineweb_gpt checkpoint, in eval mode, after checking it (see load_checkpoint)."""
-    return load_checkpoint(path, device)[0]
+    """The GPT saved in a fineweb_gpt checkpoint, in eval mode, after checking it (see load_gpt)."""
+    return load_gpt(path, device)[0]
 
 
 def generate_samples(
@@ -184,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_options(args)
         model = load_model(options["ckpt"], options["device"])
-    except ConfigError as err:
+    except UserError as err:
         exit_with(err)
     samples = generate_samples(
         model,

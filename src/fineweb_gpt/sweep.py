@@ -20,7 +20,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fineweb_gpt.errors import ConfigError, exit_with
+from fineweb_gpt.errors import ConfigError, UserError, exit_with
 from fineweb_gpt.flops import human_count
 from fineweb_gpt.run_folder import (
     METRICS_FILE,
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rows = write_table(args.sweep_dir)
-    except ConfigError as err:
+    except UserError as err:
         exit_with(err)
     return 0 if all(row["status"] == "completed" for row in rows) else 1
 

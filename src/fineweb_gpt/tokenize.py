@@ -27,7 +27,7 @@ from fineweb_gpt.data.hub_files import download_hub_files
 from fineweb_gpt.data.parquet_files import ParquetInfo, expand_paths, inspect_parquet, reading
 from fineweb_gpt.data.token_shards import TOKEN_DTYPE, ShardWriter
 from fineweb_gpt.data.tokens import tokenize_documents
-from fineweb_gpt.errors import ConfigError, exit_with
+from fineweb_gpt.errors import ConfigError, UserError, exit_with
 
 MAX_SHARD_TOKENS = 2**31 - 1  # the header's count is an int32
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         shards, val, train_tokens, val_tokens = tokenize_files(
             infos, args.out, args.text_column, args.val_fraction, args.shard_tokens, workers
         )
-    except ConfigError as err:
+    except UserError as err:
         exit_with(err)
     print(
         f"wrote {train_tokens:,} training tokens in {len(shards)} shard(s) and {val_tokens:,} held-out tokens "

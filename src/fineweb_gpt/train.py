@@ -16,13 +16,14 @@ from fineweb_gpt.callbacks import RunMonitor
 from fineweb_gpt.checkpointing import RunStopped, hand_on
 from fineweb_gpt.config_files import build, config_dir, hydra_choices, in_multirun, sweep_names
 from fineweb_gpt.console import StepProgressBar, route_warnings_to_log
-from fineweb_gpt.errors import ConfigError, exit_with, one_line
+from fineweb_gpt.errors import ConfigError, UserError, exit_with, one_line
 from fineweb_gpt.latest_run import LatestRun, discard_untrained_run, refuse_run, started_training
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.loggers import build_loggers, finish_wandb_run
 from fineweb_gpt.model import GPTConfig
 from fineweb_gpt.plan import out_of_memory_error, plan_run, trainer_arguments
-from fineweb_gpt.resume import RunFolder, claim_run_folder, read_checkpoint, resume_checkpoint
+from fineweb_gpt.resume import RunFolder, claim_run_folder, resume_checkpoint
+from fineweb_gpt.run.checkpoint_files import read_checkpoint
 from fineweb_gpt.run_folder import write_result
 
 log = logging.getLogger("fineweb_gpt")
@@ -40,9 +41,8 @@ def train(cfg: DictConfig, folder: RunFolder | None = None, plan: dict | None = 
     ckpt_path = folder.resume_from if folder else resume_checkpoint(cfg.ckpt_path, cfg.resume, cfg.run_dir)
     module = GPTLightningModule(
         model_config=GPTConfig(**cfg.model).to_dict(),
-        **{**OmegaConf.to_container(cfg.optim), "warmup_steps": plan["warmup_steps"]},  # fitted to the run
-        spike_factor=cfg.loss_guard.spike_factor,
-        spike_action=cfg.loss_guard.action,
+        optim={**OmegaConf.to_container(cfg.optim), "warmup_steps": plan["warmup_steps"]},  # fitted to the run
+        loss_guard=OmegaConf.to_container(cfg.loss_guard),
         compile_model=cfg.hw.compile,
         compile_tuning=cfg.hw.get("compile_tuning", False),
     )
@@ -105,7 +105,7 @@ def main(cfg: DictConfig) -> float | None:
         hand_on(stop.signum)  # under SLURM: the requeue, through submitit's handler or scontrol
         if not in_multirun():
             return None
-    except ConfigError as err:
+    except UserError as err:  # a full disk, out of memory, a diverged loss: one line, exit 2
         if in_multirun() or started_training(cfg.run_dir):
             write_result(cfg.run_dir, "failed", error=one_line(err))
         if not in_multirun():

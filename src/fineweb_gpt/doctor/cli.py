@@ -22,7 +22,7 @@ from fineweb_gpt.doctor.plot import plot_losses
 from fineweb_gpt.doctor.record import SOURCE_NAMES, RunRecord, sanitized
 from fineweb_gpt.doctor.report import render_markdown
 from fineweb_gpt.doctor.sources import FORMATS, read_run
-from fineweb_gpt.errors import ConfigError, exit_with
+from fineweb_gpt.errors import ConfigError, UserError, exit_with
 from fineweb_gpt.flops import gpu_table, size_in_name
 from fineweb_gpt.run_folder import check_target, write_inside
 
@@ -150,6 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run_plan(args) if args.plan else run_doctor(args)
-    except ConfigError as err:
+    except UserError as err:
         exit_with(err)
     return 0

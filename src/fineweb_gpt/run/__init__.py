@@ -1,0 +1,1 @@
+"""A run's lifecycle: reading checkpoints (checkpoint_files)."""

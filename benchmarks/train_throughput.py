@@ -23,11 +23,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
-from fineweb_gpt.callbacks import RunMonitor
 from fineweb_gpt.config_files import config_dir, load_option
 from fineweb_gpt.flops import flops_per_token, gpu_for_device, gpu_table, model_flops_utilization
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.model import GPT, GPTConfig, compile_gpt
+from fineweb_gpt.monitor.step_metrics import StepMetrics
 from fineweb_gpt.optimization import learning_rate
 from fineweb_gpt.plan import run_plan
 
@@ -91,7 +91,7 @@ def lightning_round(args, model_config, windows, device, precision) -> float:
             accumulate_grad_batches=args.accumulation,
             gradient_clip_val=1.0,
             limit_val_batches=0,
-            callbacks=[RunMonitor(plan, check_health=False), timer],
+            callbacks=[StepMetrics(plan), timer],
             logger=L.pytorch.loggers.CSVLogger(logs),
             enable_checkpointing=False,
             enable_progress_bar=False,

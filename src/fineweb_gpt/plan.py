@@ -206,7 +206,11 @@ def compiling_works(accelerator: str) -> bool:
 
         missing = None if has_triton() else "Triton is not installed (pip install triton; on Windows: triton-windows)"
     if missing:
-        log.warning("hw.compile=true, but %s: training uncompiled; set hw.compile=false to say so", missing)
+        log.warning(
+            "hw.compile=true, but %s: training uncompiled, which needs more memory (a profile's micro-batch is "
+            "sized for compiled training: halve hw.micro_batch_size if it runs out); set hw.compile=false to say so",
+            missing,
+        )
     return missing is None
 
 

@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -11,6 +12,15 @@ from helpers import CONF_DIR
 # No test may reach the network or wait for a W&B login.
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# pytest-xdist runs one worker per core; each worker's torch (and every command it starts) would
+# otherwise use a thread per core too, and on a 2-core machine the oversubscribed threads made the
+# small models' steps several times slower. Share the cores out instead.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    _threads = max(1, (os.cpu_count() or 1) // _workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(_threads)
 
 
 @pytest.fixture

@@ -122,7 +122,7 @@ def test_any_value_of_any_key_plans_or_is_refused_in_one_line_naming_the_key(mak
 @pytest.mark.parametrize("arch, bias", [("gpt2", False), ("gpt2", True), ("modern", False)])
 def test_the_planned_parameter_count_is_the_built_models(arch, bias):
     from fineweb_gpt.model import GPT, GPTConfig
-    from fineweb_gpt.plan import parameter_count
+    from fineweb_gpt.flops import parameter_count
 
     config = GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=32, arch=arch, bias=bias)
     assert parameter_count(config) == GPT(config).num_params()

@@ -1,6 +1,6 @@
 """Which architecture switches lower the val loss at equal tokens: each switch of a preset
-turned back, one at a time, against the preset itself, over several seeds, on the bundled
-FineWeb sample; prints a markdown table of val-loss differences with their seed-to-seed spread.
+changed, one at a time, against the preset itself, over several seeds, on the bundled FineWeb
+sample; prints a markdown table of val-loss differences with their seed-to-seed spread.
 
 Every variant trains the same small model shape on the same windows in the same order (per
 seed), with the project's own optimizer groups and warmup-cosine schedule (optimization.py),
@@ -26,24 +26,25 @@ from fineweb_gpt.data.tokens import tokenize_documents
 from fineweb_gpt.model import GPT, PRESETS, GPTConfig
 from fineweb_gpt.optimization import build_optimizer, warmup_cosine
 
-# Each switch of the baseline preset turned back to what GPT-2 had (the MLP both other ways).
-BACK = {
-    "norm": "layernorm",
-    "mlp": ("gelu", "swiglu"),
-    "positions": "learned",
-    "qk_norm": False,
-    "tied_head": True,
-    "zero_init_proj": False,
-    "logit_softcap": False,
-    "doc_mask": False,
+# Every value each switch can take (a soft-cap: off or the speedrun's 15).
+VALUES = {
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu", "relu2"),
+    "positions": ("learned", "rotary"),
+    "qk_norm": (False, True),
+    "tied_head": (True, False),
+    "zero_init_proj": (False, True),
+    "logit_softcap": (False, 15.0),
+    "doc_mask": (False, True),
 }
 
 
 def variants(baseline: str) -> dict[str, dict]:
-    """name -> model settings: the baseline preset, each of its switches changed alone, the other presets."""
+    """name -> model settings: the baseline preset, each of its switches changed alone (to every
+    other value), and the other presets whole."""
     chosen = {baseline: {"arch": baseline}}
-    for key, values in BACK.items():
-        for value in values if isinstance(values, tuple) else (values,):
+    for key, values in VALUES.items():
+        for value in values:
             if PRESETS[baseline][key] != value:
                 chosen[f"{key}={str(value).lower()}"] = {"arch": baseline, key: value}
     chosen |= {name: {"arch": name} for name in PRESETS if name != baseline}
@@ -63,16 +64,17 @@ def split_sample(block_size: int, val_windows: int) -> tuple[np.ndarray, torch.T
 def train_and_score(settings: dict, shape: dict, args, train: np.ndarray, val: torch.Tensor, seed: int) -> float:
     """The val loss after args.steps optimizer steps of args.batch windows."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**shape, **settings))
+    model = GPT(GPTConfig(**shape, **settings)).to(args.device)
     window = shape["block_size"] + 1
     windows = torch.from_numpy(train[: len(train) // window * window].reshape(-1, window).astype(np.int64))
+    windows, val = windows.to(args.device), val.to(args.device)
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
     optim = {**load_option("optim", args.optimizer), "lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": 10}
     optimizer = build_optimizer(model, optim)
     schedule = warmup_cosine(optimizer, optim["lr"], optim["min_lr"], optim["warmup_steps"], args.steps)
     model.train()
     for step in range(args.steps):
-        picked = order[(step * args.batch + torch.arange(args.batch)) % len(windows)]
+        picked = order[(step * args.batch + torch.arange(args.batch)) % len(windows)].to(args.device)
         batch = windows[picked]
         _, loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
@@ -100,7 +102,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"))
     parser.add_argument("--val-windows", type=int, default=64)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: fp32 matmuls in TF32")
     args = parser.parse_args()
+    if args.device == "cuda":
+        torch.set_float32_matmul_precision("high")
 
     shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
     runs = variants(args.baseline)
@@ -113,7 +118,8 @@ def main() -> None:
         f"n_embd={args.n_embd} block {args.block_size}, vocabulary 50304; {args.steps} steps of {args.batch} "
         f"windows = {tokens:,} tokens each ({tokens / len(train):.2f} epochs of {len(train):,} training tokens); "
         f"optim={args.optimizer} lr {args.lr:g}; val: {val.numel() - len(val):,} held-out tokens; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"torch {torch.__version__}, "
+        f"{torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} CPU threads'}",
         flush=True,
     )
     losses: dict[str, list[float]] = {}

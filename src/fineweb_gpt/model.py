@@ -37,12 +37,12 @@ except ImportError:
 Norm = Callable[[int], nn.Module]  # width -> a normalisation layer (LayerNorm or RMSNorm)
 
 # What each preset (model.arch) gives the switches left unset. gpt2 and modern are what those
-# names always meant. speedrun: of the modded-nanogpt speedrun's choices that this model has (its
-# records 5, 8, 9, 12 and 18: ReLU², RMSNorm, rotary, QK-norm, an untied head starting at zero,
-# zero-initialised projections, a logit soft-cap of 15, document masking), those that the
-# ablation on the bundled sample supported (docs/speed.md): ReLU², rotary and QK-norm clearly,
-# RMSNorm at no cost; the untied zero head cost loss there, and the others made no difference
-# it could resolve, so they stay off (each is a switch of its own).
+# names always meant. speedrun: of the modded-nanogpt speedrun's choices that this model has
+# (ReLU², RMSNorm, rotary, QK-norm, an untied head starting at zero, zero-initialised projections,
+# a logit soft-cap of 15, document masking), those the ablation on the bundled sample supported
+# (docs/speed.md): ReLU², rotary and QK-norm clearly, RMSNorm at no cost. The untied zero head
+# cost loss there and the others made no difference it could resolve, so they stay off here;
+# each is a switch of its own.
 PRESETS = {
     "gpt2": dict(
         norm="layernorm",
@@ -133,7 +133,7 @@ class GPTConfig:
     def named(self, key: str) -> str:
         """model.key=value as typed, saying when the preset chose it: for one-line refusals."""
         value = getattr(self, key)
-        typed = {True: "true", False: "false"}.get(value, value) if isinstance(value, bool) else value
+        typed = str(value).lower() if isinstance(value, bool) else value
         return f"model.{key}={typed}" + (f" (model.arch={self.arch}'s)" if key in self.from_preset else "")
 
     def check_switches(self) -> None:
@@ -188,8 +188,8 @@ ARCHITECTURE_KEYS = tuple(f.name for f in fields(GPTConfig) if f.metadata.get("w
 
 def resolved_model_settings(model: dict) -> dict:
     """The model settings a config or checkpoint holds (its model group, or a checkpoint's
-    model_config, of any version), with the preset filled in: two models compare equal exactly
-    when their weights mean the same. Keys that are no model setting are ignored."""
+    model_config of any version) with the preset filled in, so that a command and a checkpoint
+    compare switch by switch however each chose them. Keys that are no model setting are ignored."""
     return GPTConfig(**{key: value for key, value in model.items() if key in MODEL_KEYS}).to_dict()
 
 

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from fineweb_gpt.config_files import build, config_dir
 from fineweb_gpt.errors import ConfigError, OutOfMemory, UserError, exit_with
 from fineweb_gpt.model import GPT
 from fineweb_gpt.run.checkpoint_files import load_gpt
+from fineweb_gpt.safe_files import write_atomically
 
 SPLITS = {"val": "held-out documents", "all": "every document"}
 
@@ -137,20 +137,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
         "device": device,
         "data": OmegaConf.to_container(cfg.data, resolve=True),
     }
-    write_json(out, result)
+    write_atomically(out, json.dumps(result, indent=2) + "\n")
     return result, out
-
-
-def write_json(path: Path, result: dict) -> None:
-    """Written whole or not at all: a temporary file beside it, then renamed over it."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
-        try:
-            json.dump(result, file, indent=2)
-            file.write("\n")
-        except BaseException:
-            os.unlink(file.name)
-            raise
-    os.replace(file.name, path)
 
 
 def summary(result: dict, out: Path) -> str:

@@ -10,7 +10,8 @@ from fineweb_gpt.doctor.modded_log import STEP_LINE, parse_modded_log
 from fineweb_gpt.doctor.nanogpt_log import EVAL_LINE, ITER_LINE, parse_nanogpt_log
 from fineweb_gpt.doctor.record import RunRecord, sanitized
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.run_folder import METRICS_FILE, read_metrics, read_summary
+from fineweb_gpt.run.names import METRICS_FILE
+from fineweb_gpt.run.run_files import read_metrics, read_summary
 
 FORMATS = ("run", "csv", "nanogpt", "llmc", "modded")
 LOG_PARSERS = {"nanogpt": parse_nanogpt_log, "llmc": parse_llmc_log, "modded": parse_modded_log}

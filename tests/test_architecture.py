@@ -31,8 +31,8 @@ from fineweb_gpt.model import (
     resolved_model_settings,
 )
 from fineweb_gpt.optimization import SplitMuon
-from fineweb_gpt.resume import compare_with_checkpoint
 from fineweb_gpt.run.checkpoint_files import load_gpt
+from fineweb_gpt.run.resume_policy import compare_with_checkpoint
 from fineweb_gpt.tokenizer import END_OF_TEXT_ID, PADDED_VOCAB_SIZE
 from helpers import SMALL, TESTS_DIR, run_cli
 

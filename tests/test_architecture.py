@@ -175,6 +175,28 @@ def test_the_memory_model_counts_an_untied_head_in_the_state():
     assert flops_per_token(parameter_count(tied), 12, 12, 768, 1024) == model_flops_per_token(untied, 1024)
 
 
+@pytest.mark.parametrize(
+    "switches, measured_extra_gib",
+    [  # peaks of the presets over gpt2's, measured apart from the single switches the model adds up
+        (dict(arch="modern"), 2.07),
+        (dict(arch="speedrun", tied_head=False, zero_init_proj=True, logit_softcap=15.0, doc_mask=True), 4.06),
+    ],
+)
+def test_the_memory_model_adds_what_the_switches_were_measured_to_add(switches, measured_extra_gib):
+    gpt2 = GPTConfig(n_layer=12, n_head=12, n_embd=768)
+    model = GPTConfig(n_layer=12, n_head=12, n_embd=768, **switches)
+    extra = modelled_memory_gib(model, 8) - modelled_memory_gib(gpt2, 8)
+    assert extra == pytest.approx(measured_extra_gib, abs=0.2)
+    # Twice the micro-batch: the state stays, the activations the switches add double.
+    state = (parameter_count(model, position_embedding=True) - parameter_count(gpt2, position_embedding=True)) * 16
+    extra_at_16 = modelled_memory_gib(model, 16) - modelled_memory_gib(gpt2, 16)
+    assert extra_at_16 - state / 2**30 == pytest.approx(2 * (extra - state / 2**30))
+    # Compiled, the capped logits are never whole and FlexAttention needs no boolean mask.
+    capped = replace(gpt2, logit_softcap=15.0, doc_mask=True)
+    assert modelled_memory_gib(capped, 8, compiled=True) == modelled_memory_gib(gpt2, 8, compiled=True)
+    assert modelled_memory_gib(capped, 8) > modelled_memory_gib(gpt2, 8) + 0.9
+
+
 # --- documents that don't see each other --------------------------------------------------------
 
 WINDOW = 24

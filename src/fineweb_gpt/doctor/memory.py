@@ -10,8 +10,8 @@ is "measured" where that exact setup was measured and "modelled" otherwise, and 
 says whether it is for compiled or uncompiled training.
 
 The model's switches: the state follows them exactly (the parameter count of flops.py, an
-untied head included); the activations are those of a GPT-2 of the same shape, which the
-measurements are (docs/batch-planning.md says what the other switches were measured to add).
+untied head included); the activations are those of a GPT-2 of the same shape plus what each
+other switch was measured to add (SWITCH_EXTRA_GIB), scaled with what it grows with.
 """
 
 from dataclasses import dataclass
@@ -38,6 +38,20 @@ MEASURED_PEAK_GIB = {
 # within max_micro_batch.py's 11 GiB cap (a 12 GB card), and uncompiled at 64 on an H100 80 GB
 # (conf/hw/h100.yaml), where the linear model, fitted on small micro-batches, says about 69 GiB.
 MEASURED_OUT_OF_MEMORY = {(False, 12, 768): {10: 12.0, 64: 80.0}}
+# What each switch added to the peak of one uncompiled 124m step (H200, bf16 autocast, fused AdamW,
+# micro-batch 8, block 1024; docs/architecture.md), and what that grows with: the residual stream
+# (tokens x layers x width), the logits (tokens x vocabulary) or the document mask (tokens x block).
+# An untied head adds only its state, which the parameter count already holds.
+SWITCH_EXTRA_GIB = {
+    ("norm", "rmsnorm"): (-0.01, "residual"),
+    ("positions", "rotary"): (0.42, "residual"),
+    ("mlp", "swiglu"): (0.51, "residual"),
+    ("mlp", "relu2"): (1.13, "residual"),
+    ("qk_norm", True): (1.00, "residual"),
+    ("logit_softcap", "a cap"): (0.76, "logits"),  # any cap (15 measured)
+    ("doc_mask", True): (0.18, "mask"),
+}
+SWITCHES_MEASURED_ON = (GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=MEASURED_BLOCK_SIZE), 8)  # micro-batch 8
 STATE_BYTES_PER_PARAM = 16  # fp32 weights and gradients, AdamW's two moments
 CUDA_CONTEXT_GIB = 1.0  # headroom outside the allocator
 
@@ -78,15 +92,39 @@ def compiled_activation_bytes() -> tuple[float, float]:
     return per_token / (12 * 768), fixed
 
 
+def activation_sizes(model: GPTConfig, micro_batch: int) -> dict[str, int]:
+    """What a step's activations grow with, by name."""
+    tokens = micro_batch * model.block_size
+    return {
+        "residual": tokens * model.n_layer * model.n_embd,
+        "logits": tokens * model.vocab_size,
+        "mask": tokens * model.block_size,
+    }
+
+
+def switch_extra_bytes(model: GPTConfig, micro_batch: int, compiled: bool) -> float:
+    """What the model's switches add to the activations of the GPT-2 of its shape. Compiled, the
+    fused head-loss never holds the capped logits, and FlexAttention's block mask replaces the
+    boolean one; the rest were measured uncompiled only, so a compiled figure errs high."""
+    measured = activation_sizes(*SWITCHES_MEASURED_ON)
+    sizes = activation_sizes(model, micro_batch)
+    extra = 0.0
+    for (key, value), (gib, grows_with) in SWITCH_EXTRA_GIB.items():
+        applies = getattr(model, key) is not False if value == "a cap" else getattr(model, key) == value
+        if applies and not (compiled and grows_with in ("logits", "mask")):
+            extra += gib * GIB * sizes[grows_with] / measured[grows_with]
+    return extra
+
+
 def modelled_memory_gib(model: GPTConfig, micro_batch: int, compiled=False) -> float:
     """Predicted peak GPU memory of a bf16 training step at this micro-batch of model.block_size tokens."""
-    tokens = micro_batch * model.block_size
-    residual_stream = tokens * model.n_layer * model.n_embd
+    sizes = activation_sizes(model, micro_batch)
+    switches = switch_extra_bytes(model, micro_batch, compiled)
     if compiled:
         per_unit, fixed = compiled_activation_bytes()
-        return float(state_bytes(model) + per_unit * residual_stream + fixed) / GIB
-    features = np.array([residual_stream, tokens * model.vocab_size], dtype=float)
-    return float(state_bytes(model) + features @ uncompiled_activation_bytes()) / GIB
+        return float(state_bytes(model) + per_unit * sizes["residual"] + fixed + switches) / GIB
+    features = np.array([sizes["residual"], sizes["logits"]], dtype=float)
+    return float(state_bytes(model) + features @ uncompiled_activation_bytes() + switches) / GIB
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ SWITCH_EXTRA_GIB = {
     ("logit_softcap", "a cap"): (0.76, "logits"),  # any cap (15 measured)
     ("doc_mask", True): (0.18, "mask"),
 }
-SWITCHES_MEASURED_ON = (GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=MEASURED_BLOCK_SIZE), 8)  # micro-batch 8
+SWITCHES_MEASURED_ON = (GPTConfig(n_layer=12, n_head=12, n_embd=768), 8)  # 124m, block 1024, micro-batch 8
 STATE_BYTES_PER_PARAM = 16  # fp32 weights and gradients, AdamW's two moments
 CUDA_CONTEXT_GIB = 1.0  # headroom outside the allocator
 

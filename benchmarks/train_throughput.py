@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
 from fineweb_gpt.config_files import config_dir, load_option
-from fineweb_gpt.flops import flops_per_token, gpu_for_device, gpu_table, model_flops_utilization
+from fineweb_gpt.flops import gpu_for_device, gpu_table, model_flops_per_token, model_flops_utilization
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.model import GPT, GPTConfig, compile_gpt
 from fineweb_gpt.monitor.step_metrics import StepMetrics
@@ -173,9 +173,7 @@ def main() -> None:
         else (getattr(gpu_for_device(name), "peak_flops", None) if on_gpu else None)
     )
     probe = GPT(GPTConfig(**model_config))
-    per_token = flops_per_token(
-        probe.num_params(), model_config["n_layer"], model_config["n_head"], model_config["n_embd"], block
-    )
+    per_token = model_flops_per_token(probe.config, block)
     tokens = (args.steps - args.warmup) * args.micro_batch * args.accumulation * block
     print(
         f"device {name}; model={args.model} ({probe.num_params() / 1e6:.2f}M parameters), block {block}, "

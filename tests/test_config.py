@@ -85,6 +85,8 @@ VALUES = st.one_of(
 SHOWN_TRACEBACKS = ["hw.micro_batch_size", "data.block_size", "trainer.devices", "optim.lr", "optim.warmup_steps"]
 SHOWN_TRACEBACKS += ["total_batch_tokens", "trainer.max_steps", "val_every_steps", "model.dropout", "seed"]
 MODEL_SHAPE = ["model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_size", "model.arch"]
+SWITCHES = ("norm", "mlp", "positions", "qk_norm", "tied_head", "zero_init_proj", "logit_softcap", "doc_mask")
+MODEL_SHAPE += [f"model.{key}" for key in SWITCHES]
 KEYS = sorted({*ALLOWED, *SHOWN_TRACEBACKS, *MODEL_SHAPE})
 FOLLOWS = {"model.block_size": "data.block_size"}  # data.block_size: ${model.block_size}, the batch's block
 
@@ -122,8 +124,8 @@ def test_any_value_of_any_key_plans_or_is_refused_in_one_line_naming_the_key(mak
 
 @pytest.mark.parametrize("arch, bias", [("gpt2", False), ("gpt2", True), ("modern", False)])
 def test_the_planned_parameter_count_is_the_built_models(arch, bias):
+    from fineweb_gpt.flops import parameter_count
     from fineweb_gpt.model import GPT, GPTConfig
-    from fineweb_gpt.plan import parameter_count
 
     config = GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=32, arch=arch, bias=bias)
     assert parameter_count(config) == GPT(config).num_params()

@@ -16,9 +16,8 @@ from fineweb_gpt.doctor.nanogpt_log import config_value
 from fineweb_gpt.doctor.record import RunRecord, sanitized
 from fineweb_gpt.doctor.reference import LLMC_GPT2_124M
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.flops import gpu_table, param_count
+from fineweb_gpt.flops import gpt2_shaped, gpu_table, parameter_count
 from fineweb_gpt.model import GPT, GPTConfig
-from fineweb_gpt.tokenizer import PADDED_VOCAB_SIZE
 
 RUN_TOKENS = CHINCHILLA_STEPS_40M * TOKENS_PER_STEP
 
@@ -51,9 +50,9 @@ def test_healthy_run_has_no_problems():
     "n_layer, n_head, n_embd, bias, vocab_size",
     [(12, 12, 384, False, 50304), (12, 12, 768, False, 50304), (2, 2, 32, True, 50304), (3, 4, 64, True, 65)],
 )
-def test_parameter_count_formula_matches_the_model(n_layer, n_head, n_embd, bias, vocab_size):
+def test_a_logged_shape_is_counted_as_the_gpt2_model_of_that_shape(n_layer, n_head, n_embd, bias, vocab_size):
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, bias=bias, vocab_size=vocab_size))
-    assert param_count(n_layer, n_embd, vocab_size, bias) == model.num_params()
+    assert parameter_count(gpt2_shaped(n_layer, n_embd, vocab_size, bias)) == model.num_params()
 
 
 def test_124m_name_at_width_384_is_flagged_with_the_width_that_fixes_it():
@@ -70,19 +69,19 @@ def test_names_that_match_or_state_no_size_are_not_flagged(name):
 
 
 def test_an_undertrained_run_gets_the_steps_that_reach_chinchilla_and_a_useful_smaller_model():
-    params = param_count(12, 768)
+    params = parameter_count(gpt2_shaped(12, 768))
     steps = math.ceil(0.25 * 20 * params / TOKENS_PER_STEP)
     summary = run_summary(model_name="124m", num_params=params, n_embd=768, max_steps=steps)
     finding = findings_by_check(summary, metric_rows(summary))["token_budget"]
     assert finding.problem and "0.25x" in finding.title
     assert f"trainer.max_steps={math.ceil(20 * params / TOKENS_PER_STEP)}" in finding.fix
     width = int(finding.fix.split("model.n_embd=")[1].split(" ")[0])
-    assert param_count(12, width) == pytest.approx(steps * TOKENS_PER_STEP / 20, rel=0.1)
+    assert parameter_count(gpt2_shaped(12, width)) == pytest.approx(steps * TOKENS_PER_STEP / 20, rel=0.1)
 
 
 def test_a_smoke_test_budget_gets_no_advice_to_shrink_the_model_to_nothing():
     # The quickstart: the 7.23M tiny model for 40 steps of 4,096 tokens, at about 1,900 tokens/s.
-    params = param_count(4, 128)
+    params = parameter_count(gpt2_shaped(4, 128))
     summary = run_summary(
         model_name="tiny", num_params=params, n_layer=4, n_head=4, n_embd=128, block_size=256,
         tokens_per_step=4096, max_steps=40, unique_train_tokens=1_140_000,
@@ -265,13 +264,13 @@ def test_a_124m_run_is_judged_against_the_reference_at_equal_tokens(offset, verd
 def test_memory_figures_are_the_measurements_where_measured_and_the_model_stays_near_them():
     for (compiled, n_layer, n_embd), peaks in MEASURED_PEAK_GIB.items():
         for micro_batch, gib in peaks.items():
-            estimate = training_memory(n_layer, n_embd, 1024, PADDED_VOCAB_SIZE, micro_batch, compiled=compiled)
+            estimate = training_memory(gpt2_shaped(n_layer, n_embd), micro_batch, compiled=compiled)
             assert (estimate.gib, estimate.measured, estimate.compiled) == (gib, True, compiled)
-            modelled = modelled_memory_gib(n_layer, n_embd, 1024, PADDED_VOCAB_SIZE, micro_batch, compiled=compiled)
+            modelled = modelled_memory_gib(gpt2_shaped(n_layer, n_embd), micro_batch, compiled=compiled)
             assert modelled == pytest.approx(gib, abs=0.3)
-    assert training_memory(12, 768, 1024, PADDED_VOCAB_SIZE, 12).describe().endswith("(modelled, uncompiled)")
+    assert training_memory(gpt2_shaped(12, 768), 12).describe().endswith("(modelled, uncompiled)")
     # 124m at micro-batch 10 ran out of memory within 11 GiB, uncompiled.
-    assert modelled_memory_gib(12, 768, 1024, PADDED_VOCAB_SIZE, 10) > 11
+    assert modelled_memory_gib(gpt2_shaped(12, 768), 10) > 11
 
 
 @pytest.mark.parametrize(
@@ -283,7 +282,7 @@ def test_memory_figures_are_the_measurements_where_measured_and_the_model_stays_
     ],
 )
 def test_batch_plan_on_12_gb(n_embd, tokens_per_step, micro_batch, grad_accum, largest):
-    plan = plan_batch(12, n_embd, 1024, memory_gb=12, tokens_per_step=tokens_per_step)
+    plan = plan_batch(gpt2_shaped(12, n_embd), memory_gb=12, tokens_per_step=tokens_per_step)
     assert (plan.micro_batch, plan.grad_accum, plan.largest_fitting) == (micro_batch, grad_accum, largest)
     assert plan.memory.gib <= 12 - 1  # the CUDA context keeps 1 GiB
 
@@ -292,30 +291,30 @@ def test_compiled_batch_plan_follows_the_two_compiled_measurements():
     (small, small_gib), (large, large_gib) = sorted(MEASURED_PEAK_GIB[(True, 12, 768)].items())
     per_sequence = (large_gib - small_gib) / (large - small)
     largest = max(m for m in range(1, 513) if small_gib + (m - small) * per_sequence <= 11)
-    plan = plan_batch(12, 768, 1024, memory_gb=12, tokens_per_step=524288, compiled=True)
+    plan = plan_batch(gpt2_shaped(12, 768), memory_gb=12, tokens_per_step=524288, compiled=True)
     assert plan.largest_fitting == largest
     assert plan.micro_batch == max(m for m in range(1, largest + 1) if 512 % m == 0)
     assert plan.memory.compiled and not plan.memory.measured
 
 
 def test_a_micro_batch_the_run_trained_at_fits_whatever_the_model_says():
-    assert modelled_memory_gib(12, 384, 1024, PADDED_VOCAB_SIZE, 16) > 11  # uncompiled model: does not fit
-    plan = plan_batch(12, 384, 1024, memory_gb=12, tokens_per_step=524288, known_to_fit=16)
+    assert modelled_memory_gib(gpt2_shaped(12, 384), 16) > 11  # uncompiled model: does not fit
+    plan = plan_batch(gpt2_shaped(12, 384), memory_gb=12, tokens_per_step=524288, known_to_fit=16)
     assert plan.micro_batch == 16 and "the run trained at micro-batch 16" in plan.describe()
 
 
 def test_a_micro_batch_measured_running_out_of_memory_is_never_proposed():
     # conf/hw/h100.yaml: uncompiled 124m at micro-batch 64 does not fit on the 80 GB card, 32 does.
-    assert modelled_memory_gib(12, 768, 1024, PADDED_VOCAB_SIZE, 64) < 79  # the linear model alone would say it fits
-    plan = plan_batch(12, 768, 1024, memory_gb=80, tokens_per_step=524288)
+    assert modelled_memory_gib(gpt2_shaped(12, 768), 64) < 79  # the linear model alone would say it fits
+    plan = plan_batch(gpt2_shaped(12, 768), memory_gb=80, tokens_per_step=524288)
     assert plan.largest_fitting < 64 and (plan.micro_batch, plan.grad_accum) == (32, 16)
 
 
 def test_batch_plan_refuses_what_cannot_fit_or_divide():
     with pytest.raises(ConfigError, match="more than the 1 GiB"):
-        plan_batch(12, 768, 1024, memory_gb=2, tokens_per_step=524288)
+        plan_batch(gpt2_shaped(12, 768), memory_gb=2, tokens_per_step=524288)
     with pytest.raises(ConfigError, match="not a multiple of block_size x GPUs = 1024"):
-        plan_batch(12, 768, 1024, memory_gb=12, tokens_per_step=1000)
+        plan_batch(gpt2_shaped(12, 768), memory_gb=12, tokens_per_step=1000)
 
 
 # --- bounded, NaN-safe reading -------------------------------------------------------------------------

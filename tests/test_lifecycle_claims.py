@@ -223,7 +223,7 @@ def test_a_resume_that_cannot_work_is_refused_on_the_command_line_before_anythin
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.arch=modern", "resume=auto"], "with model.arch=modern (the checkpoint has gpt2): a checkpoint's"),
+        (["model.arch=modern", "resume=auto"], "with model.arch=modern (the checkpoint has gpt2), model.norm=rmsnorm"),
         (["model.bias=true", "resume=auto"], "with model.bias=True (the checkpoint has False): a checkpoint's"),
         (["optim=muon", "resume=auto"], "with optim.optimizer=muon (the checkpoint has adamw): a checkpoint's"),
         (["optim.weight_decay=0.0", "resume=auto"], "with optim.weight_decay=0.0 (the checkpoint has 0.1)"),

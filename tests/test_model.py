@@ -68,6 +68,10 @@ SMALL_ARCHS = {
     "gpt2": dict(arch="gpt2"),
     "gpt2 with biases": dict(arch="gpt2", bias=True),
     "modern": dict(arch="modern"),
+    "speedrun": dict(arch="speedrun"),
+    "gpt2, relu2 and rotary": dict(arch="gpt2", mlp="relu2", positions="rotary"),
+    "gpt2, untied and capped": dict(arch="gpt2", tied_head=False, logit_softcap=5.0, qk_norm=True),
+    "modern with layernorm and gelu": dict(arch="modern", norm="layernorm", mlp="gelu"),
 }
 
 
@@ -76,9 +80,10 @@ def small_gpt(seed: int = 0, **arch) -> GPT:
     return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=LAYERS, n_head=C // HEAD, n_embd=C, **arch)).eval()
 
 
-def documented_layout(arch: str, bias: bool) -> dict[str, tuple[int, ...]]:
+def documented_layout(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """The weights a checkpoint holds (under "model." in a Lightning checkpoint), by name and shape:
-    checkpoints written by earlier versions load only while these stay the same."""
+    checkpoints written by earlier versions load only while these stay the same. A tied or
+    untied head is saved under both names alike."""
     layout = {"token_embedding.weight": (V, C), "ln_final.weight": (C,), "lm_head.weight": (V, C)}
     block = {
         "ln_attn.weight": (C,),
@@ -86,17 +91,19 @@ def documented_layout(arch: str, bias: bool) -> dict[str, tuple[int, ...]]:
         "attn.out_proj.weight": (C, C),
         "ln_mlp.weight": (C,),
     }
-    if arch == "gpt2":
+    if config.positions == "learned":
         layout["position_embedding.weight"] = (T, C)
-        block |= {"mlp.up.weight": (4 * C, C), "mlp.down.weight": (C, 4 * C)}
-        if bias:
-            biases = {"ln_attn.bias": C, "attn.qkv.bias": 3 * C, "attn.out_proj.bias": C, "ln_mlp.bias": C}
-            block |= {name: (size,) for name, size in biases.items()}
-            block |= {"mlp.up.bias": (4 * C,), "mlp.down.bias": (C,)}
-            layout["ln_final.bias"] = (C,)
-    else:  # SwiGLU at width 32 is 64 wide (rounded up to the 64 the kernels like); QK-norm gains per head size
+    if config.qk_norm:  # gains per head size
         block |= {"attn.q_norm.weight": (HEAD,), "attn.k_norm.weight": (HEAD,)}
+    if config.mlp == "swiglu":  # 64 wide at width 32 (rounded up to the 64 the kernels like)
         block |= {"mlp.gate.weight": (64, C), "mlp.up.weight": (64, C), "mlp.down.weight": (C, 64)}
+    else:
+        block |= {"mlp.up.weight": (4 * C, C), "mlp.down.weight": (C, 4 * C)}
+    if config.bias:
+        biases = {"ln_attn.bias": C, "attn.qkv.bias": 3 * C, "attn.out_proj.bias": C, "ln_mlp.bias": C}
+        block |= {name: (size,) for name, size in biases.items()}
+        block |= {"mlp.up.bias": (4 * C,), "mlp.down.bias": (C,)}
+        layout["ln_final.bias"] = (C,)
     for layer in range(LAYERS):
         layout |= {f"blocks.{layer}.{name}": shape for name, shape in block.items()}
     return layout
@@ -104,13 +111,27 @@ def documented_layout(arch: str, bias: bool) -> dict[str, tuple[int, ...]]:
 
 @pytest.mark.parametrize("arch", SMALL_ARCHS.values(), ids=SMALL_ARCHS.keys())
 def test_state_dict_keeps_the_documented_checkpoint_layout(arch):
-    shapes = {name: tuple(t.shape) for name, t in small_gpt(**arch).state_dict().items()}
-    assert shapes == documented_layout(arch["arch"], arch.get("bias", False))
+    model = small_gpt(**arch)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert shapes == documented_layout(model.config)
+
+
+def test_the_gpt2_and_modern_presets_keep_todays_layout():
+    # What the layout was before the switches: GPT-2 with learned positions and a GELU MLP; modern
+    # with rotary positions, QK-norm gains and SwiGLU. Checkpoints of earlier versions hold these.
+    gpt2, modern = documented_layout(small_gpt().config), documented_layout(small_gpt(arch="modern").config)
+    assert "position_embedding.weight" in gpt2 and gpt2["blocks.0.mlp.up.weight"] == (4 * C, C)
+    assert "position_embedding.weight" not in modern and modern["blocks.1.attn.q_norm.weight"] == (HEAD,)
+    assert modern["blocks.0.mlp.gate.weight"] == (64, C) and len(modern) == 1 + 2 + 2 * 9
 
 
 @pytest.mark.parametrize("arch", SMALL_ARCHS.values(), ids=SMALL_ARCHS.keys())
 def test_saved_weights_give_a_fresh_model_the_same_predictions(arch):
     saved, fresh = small_gpt(seed=0, **arch), small_gpt(seed=1, **arch)
+    with torch.no_grad():  # zero-initialised heads and projections predict alike at any seed: move them
+        for model, seed in ((saved, 0), (fresh, 1)):
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)), alpha=0.02)
     tokens = torch.randint(0, V, (2, T + 1))
     expected_logits, expected_loss = saved(tokens[:, :-1], tokens[:, 1:])
     assert not torch.equal(fresh(tokens[:, :-1])[0], expected_logits)  # a different seed predicts otherwise
@@ -126,13 +147,13 @@ def test_saved_weights_give_a_fresh_model_the_same_predictions(arch):
 
 
 def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
-    """The forward pass written out from the architecture's description, with the weights read
-    by their checkpoint names: what the model must compute, independently of how it is built."""
-    w, arch, (batch, seq) = model.state_dict(), model.config.arch, idx.shape
+    """The forward pass written out from the switches' descriptions, with the weights read by
+    their checkpoint names: what the model must compute, independently of how it is built."""
+    w, config, (batch, seq) = model.state_dict(), model.config, idx.shape
     n_head = C // HEAD
 
     def norm(x, name):
-        if arch == "gpt2":
+        if config.norm == "layernorm":
             return F.layer_norm(x, (x.size(-1),), w[f"{name}.weight"], w.get(f"{name}.bias"), eps=1e-5)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps) * w[f"{name}.weight"]
 
@@ -145,34 +166,40 @@ def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         return torch.cat((turned.real, turned.imag), dim=-1)
 
     x = w["token_embedding.weight"][idx]
-    if arch == "gpt2":
+    if config.positions == "learned":
         x = x + w["position_embedding.weight"][:seq]
     for layer in range(LAYERS):
         b = f"blocks.{layer}"
         q, k, v = linear(norm(x, f"{b}.ln_attn"), f"{b}.attn.qkv").split(C, dim=-1)
         q, k, v = (t.view(batch, seq, n_head, HEAD).transpose(1, 2) for t in (q, k, v))
-        if arch == "modern":
-            q, k = rotate(norm(q, f"{b}.attn.q_norm")), rotate(norm(k, f"{b}.attn.k_norm"))
+        if config.qk_norm:
+            q, k = norm(q, f"{b}.attn.q_norm"), norm(k, f"{b}.attn.k_norm")
+        if config.positions == "rotary":
+            q, k = rotate(q), rotate(k)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(HEAD)
         scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), -math.inf)
         attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, seq, C)
         x = x + linear(attended, f"{b}.attn.out_proj")
         h = norm(x, f"{b}.ln_mlp")
-        if arch == "gpt2":
+        if config.mlp == "gelu":
             h = F.gelu(linear(h, f"{b}.mlp.up"))
+        elif config.mlp == "relu2":
+            h = F.relu(linear(h, f"{b}.mlp.up")) ** 2
         else:
             h = F.silu(linear(h, f"{b}.mlp.gate")) * linear(h, f"{b}.mlp.up")
         x = x + linear(h, f"{b}.mlp.down")
-    return norm(x, "ln_final") @ w["token_embedding.weight"].t()  # the head is the tied embedding
+    head = w["token_embedding.weight"] if config.tied_head else w["lm_head.weight"]
+    logits = norm(x, "ln_final") @ head.t()
+    cap = config.logit_softcap
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 @pytest.mark.parametrize("arch", SMALL_ARCHS.values(), ids=SMALL_ARCHS.keys())
 def test_forward_computes_the_documented_architecture(arch):
     model = small_gpt(**arch)
-    with torch.no_grad():  # gains start at one and biases at zero: move them, so that misplacing one shows
+    with torch.no_grad():  # gains start at one, biases and zero-initialised matrices at zero: move them all
         for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p), alpha=0.1)
+            p.add_(torch.randn_like(p), alpha=0.1 if p.dim() == 1 else 0.05)
     tokens = torch.randint(0, V, (2, T + 1))
     logits, loss = model(tokens[:, :-1], tokens[:, 1:])
     expected = reference_logits(model, tokens[:, :-1])

@@ -12,7 +12,7 @@ import torch
 
 from fineweb_gpt.config_files import load_option
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.flops import human_count, param_count
+from fineweb_gpt.flops import gpt2_shaped, human_count, parameter_count
 from fineweb_gpt.lit_module import GPTLightningModule, LossGuard
 from fineweb_gpt.train import train
 from helpers import SMALL, quiet_cpu_trainer, run_cli
@@ -247,7 +247,7 @@ def test_out_of_memory_names_the_micro_batch_and_a_smaller_one(tmp_path):
     oom = ["+callbacks.oom._target_=helpers.RunOutOfMemory"]
     result = train_cli(*RUN, "data.num_workers=0", *oom, f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
-    params = human_count(param_count(n_layer=1, n_embd=32))
+    params = human_count(parameter_count(gpt2_shaped(n_layer=1, n_embd=32)))
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: CUDA out of memory at hw.micro_batch_size=4 (block 32, {params} parameters); use "
         "hw.micro_batch_size=2 (gradient accumulation becomes 4, still 256 tokens per step)"

@@ -70,7 +70,7 @@ def test_rotary_scores_depend_only_on_the_distance_between_positions():
     "kwargs, message",
     [
         (dict(arch="llama"), "model.arch='llama' is not known"),
-        (dict(arch="modern", bias=True), "model.arch=modern has no biases"),
+        (dict(arch="modern", bias=True), "model.bias=true with model.norm=rmsnorm (model.arch=modern's)"),
         (dict(arch="modern", n_embd=36, n_head=4), "head size n_embd / n_head = 9 must be even"),
     ],
 )

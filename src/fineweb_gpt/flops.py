@@ -1,15 +1,23 @@
 """Parameter counts, FLOPs per token, GPU peak FLOPs and MFU: the numbers users compare.
 
 FLOPs per token follow nanoGPT (after the PaLM paper, appendix B): 6N for the weights'
-forward and backward multiply-adds plus 12 * L * H * Q * T for attention, where N
-excludes position embeddings, L is layers, H heads, Q head size and T the context length.
+forward and backward multiply-adds plus 12 * L * H * Q * T for attention, where N is the
+parameters a token is multiplied by (position embeddings and an untied embedding table are
+only looked up), L is layers, H heads, Q head size and T the context length. Whatever the
+switches: element-wise work (norms, activations, rotary, the soft-cap) is not counted, as
+nanoGPT does not count GELU, and attention is counted whole even where doc_mask skips
+blocks, so MFU stays comparable between runs with and without it.
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
+import torch
+
 from fineweb_gpt.config_files import config_dir
+from fineweb_gpt.errors import ConfigError, one_line
+from fineweb_gpt.model import GPT, GPTConfig
 from fineweb_gpt.tokenizer import PADDED_VOCAB_SIZE
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
@@ -47,14 +55,43 @@ def gpu_for_device(device_name: str) -> GPU | None:
     return next((gpu for gpu in gpu_table().values() if re.search(gpu.device_pattern, device_name)), None)
 
 
-def param_count(n_layer: int, n_embd: int, vocab_size: int = PADDED_VOCAB_SIZE, bias: bool = False) -> int:
-    """Parameters by nanoGPT's count (tied embedding once, no position embeddings), from the shape.
+def parameter_count(config: GPTConfig, position_embedding: bool = False) -> int:
+    """The parameters of the GPT that `config` describes, by nanoGPT's count (a tied embedding once,
+    position embeddings only if asked): the one count that the plan, the doctor and the memory
+    model use, whatever the switches. Counted on copies built without memory (the meta device)
+    one and two layers deep: every layer holds the same, so any size costs nothing."""
+    return _parameter_count(tuple(config.to_dict().items()), position_embedding)
 
-    Per block: attention's 4·d² and the MLP's 8·d² weights, two LayerNorm gains (2·d),
-    and with bias 11·d Linear and LayerNorm biases; then the final LayerNorm.
-    """
-    per_block = 12 * n_embd**2 + 2 * n_embd + (11 * n_embd if bias else 0)
-    return vocab_size * n_embd + n_layer * per_block + n_embd * (2 if bias else 1)
+
+@cache
+def _parameter_count(settings: tuple, position_embedding: bool) -> int:
+    config = GPTConfig(**dict(settings))
+    try:
+        with torch.device("meta"):
+            one, two = (GPT(replace(config, n_layer=n)).num_params(not position_embedding) for n in (1, 2))
+    except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # sizes no tensor can have
+        raise ConfigError(
+            f"the model is too large to build ({one_line(err)}); lower model.n_embd or model.vocab_size"
+        ) from None
+    return one + (config.n_layer - 1) * (two - one)
+
+
+def gpt2_shaped(n_layer: int, n_embd: int, vocab_size: int = PADDED_VOCAB_SIZE, bias: bool = False) -> GPTConfig:
+    """A GPT-2 (model.arch=gpt2) of this shape: what a log that gives only the shape describes
+    (nanoGPT's, llm.c's). The head count changes no parameter count."""
+    return GPTConfig(n_layer=n_layer, n_head=1, n_embd=n_embd, vocab_size=vocab_size, bias=bias)
+
+
+def multiplied_params(config: GPTConfig) -> int:
+    """The parameters each token is multiplied by: nanoGPT's count, less an untied embedding
+    table, which is only looked up (a tied one is the head's matrix, so it counts)."""
+    untied_embedding = 0 if config.tied_head else config.vocab_size * config.n_embd
+    return parameter_count(config) - untied_embedding
+
+
+def model_flops_per_token(config: GPTConfig, block_size: int) -> int:
+    """FLOPs per trained token of the GPT `config` describes, at context block_size."""
+    return flops_per_token(multiplied_params(config), config.n_layer, config.n_head, config.n_embd, block_size)
 
 
 def human_count(n: float) -> str:

@@ -16,11 +16,11 @@ class HeadCrossEntropy(torch.autograd.Function):
     logits, loss and logit gradient at once, and the logit gradient goes straight into the
     hidden-state and weight gradients; no logits outlive their chunk. Under torch.compile the
     softmax arithmetic of a chunk fuses into one kernel. Matmuls follow autocast; the softmax
-    is in fp32.
+    is in fp32. softcap: the logits are cap * tanh(logits / cap) (GPT.logits), None for none.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int):
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, softcap: float | None = None):
         rows = hidden.size(0)
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
@@ -29,12 +29,18 @@ class HeadCrossEntropy(torch.autograd.Function):
             h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
             logits = h @ weight.t()
             logits32 = logits.float()
+            if softcap:
+                capped = torch.tanh(logits32 / softcap)
+                logits32 = softcap * capped
             log_norm = torch.logsumexp(logits32, dim=-1)
             loss_sum = loss_sum + (log_norm - logits32.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
             # d(summed loss)/d(logits) = softmax - one_hot(target), within [-1, 1]; the division
             # by rows for the mean comes after the matmuls, so fp16 does not flush it to zero.
             is_target = torch.arange(logits.size(1), device=t.device) == t.unsqueeze(1)
-            grad_logits = (torch.exp(logits32 - log_norm.unsqueeze(1)) - is_target.float()).to(logits.dtype)
+            grad_logits = torch.exp(logits32 - log_norm.unsqueeze(1)) - is_target.float()
+            if softcap:  # through the cap: d(cap * tanh(z / cap))/dz = 1 - tanh²
+                grad_logits = grad_logits * (1 - capped.square())
+            grad_logits = grad_logits.to(logits.dtype)
             grad_hidden.append(grad_logits @ weight)
             grad_weight = grad_weight + (grad_logits.t() @ h).float()
         ctx.save_for_backward(torch.cat(grad_hidden).float().div_(rows).to(hidden.dtype), grad_weight.div_(rows))
@@ -43,4 +49,4 @@ class HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None

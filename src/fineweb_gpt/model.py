@@ -1,20 +1,23 @@
 """The GPT-2 language model, readable top to bottom, as a plain nn.Module.
 
-arch="gpt2": pre-LayerNorm transformer blocks, a 4x GELU MLP, learned position embeddings,
-the token embedding tied to the output head, and attention through PyTorch's
-scaled_dot_product_attention (flash or memory-efficient kernels where available).
-arch="modern": the same skeleton with what later models found learns more per token:
-rotary position embeddings instead of learned ones, RMSNorm, a SwiGLU MLP sized to the GELU
-MLP's parameter count, RMSNorm on queries and keys (QK-norm), and no biases. The two differ
-only in the components chosen once, by parts_for(config), just before Block.
-Compiled training fuses the output head with the loss (fused_head_loss.py). Generation
-keeps each layer's keys and values in a KVCache, so a new token does not recompute the
-whole prefix.
+Each architecture choice is a switch of GPTConfig, and model.arch is a preset that fills the
+switches left unset (PRESETS):
+- arch=gpt2, GPT-2 as released: pre-LayerNorm blocks, a 4x GELU MLP, learned position
+  embeddings, the token embedding tied to the output head;
+- arch=modern: rotary positions, RMSNorm, a SwiGLU MLP sized to GELU's parameter count,
+  RMSNorm on queries and keys (QK-norm), no biases;
+- arch=speedrun: of the modded-nanogpt speedrun's choices, those the evidence supported (PRESETS).
+doc_mask=true lets a token of a packed window attend only to its own document: through
+FlexAttention's block masks in compiled CUDA training, an explicit mask elsewhere.
+Attention runs through PyTorch's scaled_dot_product_attention (flash or memory-efficient
+kernels where available). Compiled training fuses the output head with the loss
+(fused_head_loss.py). Generation keeps each layer's keys and values in a KVCache, so a new
+token does not recompute the whole prefix.
 """
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from itertools import repeat
 
@@ -24,9 +27,68 @@ from torch.nn import functional as F
 
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.fused_head_loss import LOSS_CHUNK_ROWS, HeadCrossEntropy
-from fineweb_gpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
+from fineweb_gpt.tokenizer import END_OF_TEXT_ID, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
+
+try:  # torch 2.5 and newer
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:
+    BlockMask = create_block_mask = flex_attention = None
 
 Norm = Callable[[int], nn.Module]  # width -> a normalisation layer (LayerNorm or RMSNorm)
+
+# What each preset (model.arch) gives the switches left unset. gpt2 and modern are what those
+# names always meant. speedrun: of the modded-nanogpt speedrun's choices that this model has
+# (ReLU², RMSNorm, rotary, QK-norm, an untied head starting at zero, zero-initialised projections,
+# a logit soft-cap of 15, document masking), those the ablation on the bundled sample supported
+# (docs/speed.md): ReLU², rotary and QK-norm clearly, RMSNorm at no cost. The untied zero head
+# cost loss there and the others made no difference it could resolve, so they stay off here;
+# each is a switch of its own.
+PRESETS = {
+    "gpt2": dict(
+        norm="layernorm",
+        mlp="gelu",
+        positions="learned",
+        qk_norm=False,
+        tied_head=True,
+        zero_init_proj=False,
+        logit_softcap=False,
+        doc_mask=False,
+    ),
+    "modern": dict(
+        norm="rmsnorm",
+        mlp="swiglu",
+        positions="rotary",
+        qk_norm=True,
+        tied_head=True,
+        zero_init_proj=False,
+        logit_softcap=False,
+        doc_mask=False,
+    ),
+    "speedrun": dict(
+        norm="rmsnorm",
+        mlp="relu2",
+        positions="rotary",
+        qk_norm=True,
+        tied_head=True,
+        zero_init_proj=False,
+        logit_softcap=False,
+        doc_mask=False,
+    ),
+}
+CHOICES = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"), "positions": ("learned", "rotary")}
+SWITCHES = ("qk_norm", "tied_head", "zero_init_proj", "doc_mask")  # true or false
+
+
+def alternatives(key: str, choices) -> str:
+    """'model.mlp=gelu, model.mlp=swiglu or model.mlp=relu2': what to type instead."""
+    typed = [f"model.{key}={choice}" for choice in choices]
+    return ", ".join(typed[:-1]) + " or " + typed[-1]
+
+
+def setting(weights: bool = True):
+    """A GPTConfig field. weights=False: it does not change what the trained weights mean (it
+    acts on initialisation or training only), so a checkpoint resumes and exports under any value."""
+    return field(default=None, metadata={"weights": weights})
 
 
 @dataclass
@@ -36,9 +98,17 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    dropout: float = 0.0
+    dropout: float = field(default=0.0, metadata={"weights": False})
     bias: bool = False  # biases in Linear and LayerNorm; GPT-2 had them, they only cost speed
-    arch: str = "gpt2"  # or "modern"
+    arch: str = "gpt2"  # a preset (PRESETS): fills every switch below left unset (None)
+    norm: str | None = setting()  # layernorm or rmsnorm: before attention, before the MLP and at the end
+    mlp: str | None = setting()  # gelu (4x wide), swiglu (gated, GELU's parameter count), relu2 (4x, ReLU squared)
+    positions: str | None = setting()  # learned embeddings added to the tokens, or rotary inside attention
+    qk_norm: bool | None = setting()  # normalise queries and keys (with `norm`) before attention
+    tied_head: bool | None = setting()  # the head is the token embedding; untied: a matrix of its own, from zero
+    zero_init_proj: bool | None = setting(weights=False)  # attention's and the MLP's output projections start at zero
+    logit_softcap: float | bool | None = setting()  # logits = cap * tanh(logits / cap); false: no cap
+    doc_mask: bool | None = setting(weights=False)  # a token sees only its own document of a packed window
 
     def __post_init__(self):
         for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -53,14 +123,45 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout!r} must be in [0, 1); use 0.0 for pretraining")
-        if self.arch not in ("gpt2", "modern"):
-            raise ConfigError(f"model.arch={self.arch!r} is not known; use model.arch=gpt2 or model.arch=modern")
-        if self.arch == "modern" and self.bias:
-            raise ConfigError("model.arch=modern has no biases; set model.bias=false")
-        if self.arch == "modern" and (self.n_embd // self.n_head) % 2:
+        if self.arch not in PRESETS:
+            raise ConfigError(f"model.arch={self.arch!r} is not known; use {alternatives('arch', PRESETS)}")
+        self.from_preset = {key for key, value in PRESETS[self.arch].items() if getattr(self, key) is None}
+        for key in self.from_preset:
+            setattr(self, key, PRESETS[self.arch][key])
+        self.check_switches()
+
+    def named(self, key: str) -> str:
+        """model.key=value as typed, saying when the preset chose it: for one-line refusals."""
+        value = getattr(self, key)
+        typed = str(value).lower() if isinstance(value, bool) else value
+        return f"model.{key}={typed}" + (f" (model.arch={self.arch}'s)" if key in self.from_preset else "")
+
+    def check_switches(self) -> None:
+        """Refuse, in one line naming the setting and the fix, a switch or combination that cannot work."""
+        for key, choices in CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{self.named(key)} is not known; use {alternatives(key, choices)}")
+        for key in SWITCHES:
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{self.named(key)} must be true or false")
+        cap = self.logit_softcap
+        is_number = isinstance(cap, (int, float)) and not isinstance(cap, bool)
+        if not (cap is False or (is_number and 0 < cap < math.inf)):
+            raise ConfigError(f"{self.named('logit_softcap')} must be a positive number such as 15, or false for none")
+        if self.bias and self.norm == "rmsnorm":
             raise ConfigError(
-                f"model.arch=modern rotates pairs of dimensions, so the head size n_embd / n_head = "
-                f"{self.n_embd // self.n_head} must be even; change model.n_embd or model.n_head"
+                f"model.bias=true with {self.named('norm')}: RMSNorm has no bias; set model.bias=false, "
+                "or model.norm=layernorm"
+            )
+        if self.bias and self.mlp == "swiglu":
+            raise ConfigError(
+                f"model.bias=true with {self.named('mlp')}: the SwiGLU MLP has no biases; set model.bias=false, "
+                "or model.mlp=gelu"
+            )
+        if self.positions == "rotary" and self.head_size % 2:
+            raise ConfigError(
+                f"{self.named('positions')} rotates pairs of dimensions, so the head size n_embd / n_head = "
+                f"{self.head_size} must be even; change model.n_embd or model.n_head, or use model.positions=learned"
             )
 
     @property
@@ -74,20 +175,30 @@ class GPTConfig:
         return max(64, 64 * round(8 * self.n_embd / 3 / 64))
 
     def to_dict(self) -> dict:
+        """Every setting, the switches as resolved: what a checkpoint records it trained."""
         return asdict(self)
 
 
-# The model's settings, the one list that resume, the doctor and the export read. All but dropout
-# fix what the weights mean: a checkpoint resumes, loads or exports only under its own values.
+# The model's settings, the one list that resume, the doctor and the export read. Those that fix
+# what the weights mean (all but dropout, zero_init_proj and doc_mask) are ARCHITECTURE_KEYS: a
+# checkpoint resumes, loads or exports only under its own values.
 MODEL_KEYS = tuple(f.name for f in fields(GPTConfig))
-ARCHITECTURE_KEYS = tuple(key for key in MODEL_KEYS if key != "dropout")
+ARCHITECTURE_KEYS = tuple(f.name for f in fields(GPTConfig) if f.metadata.get("weights", True))
+
+
+def resolved_model_settings(model: dict) -> dict:
+    """The model settings a config or checkpoint holds (its model group, or a checkpoint's
+    model_config of any version) with the preset filled in, so that a command and a checkpoint
+    compare switch by switch however each chose them. Keys that are no model setting are ignored."""
+    return GPTConfig(**{key: value for key, value in model.items() if key in MODEL_KEYS}).to_dict()
 
 
 class KVCache:
     """One attention layer's keys and values for the positions generated so far.
 
     The buffers hold block_size positions and are allocated at the first call, in the dtype
-    and on the device of the keys they receive (so autocast works too).
+    and on the device of the keys they receive (so autocast works too). With doc_mask, the
+    first layer's cache also keeps each cached position's document (GPT.attention_mask).
     """
 
     def __init__(self, block_size: int):
@@ -95,6 +206,7 @@ class KVCache:
         self.length = 0  # positions cached so far
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        self.documents: torch.Tensor | None = None
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (batch, n_head, seq, head_size) keys and values; return those of every cached position."""
@@ -105,6 +217,16 @@ class KVCache:
         self.keys[:, :, start : self.length] = k
         self.values[:, :, start : self.length] = v
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def extend_documents(self, starts: torch.Tensor) -> torch.Tensor:
+        """Record the documents of the positions about to be cached, from which of them start a
+        document ((batch, seq) booleans); return the documents of every position so far."""
+        if self.documents is None:
+            self.documents = starts.new_zeros((starts.size(0), self.block_size), dtype=torch.long)
+        last = self.documents[:, self.length - 1 : self.length] if self.length else 0
+        end = self.length + starts.size(1)
+        self.documents[:, self.length : end] = last + starts.long().cumsum(dim=1)
+        return self.documents[:, :end]
 
 
 class Rotary(nn.Module):
@@ -127,12 +249,17 @@ class Rotary(nn.Module):
         return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
 
 
+# Which keys each query may see, the same for every layer: None is plain causal attention; a
+# boolean tensor (True: visible) goes to scaled_dot_product_attention, a BlockMask to FlexAttention.
+AttentionMask = object
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, rotary: Rotary | None = None, qk_norm: Norm | None = None):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # queries, keys, values stacked
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rotary = rotary  # shared by every block; None for learned position embeddings
@@ -140,7 +267,7 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:
             self.q_norm, self.k_norm = qk_norm(config.head_size), qk_norm(config.head_size)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: AttentionMask = None, cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, width = x.shape
         # (batch, seq, 3 * width) -> three (batch, n_head, seq, head_size) tensors
         q, k, v = self.qkv(x).view(batch, seq, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
@@ -149,31 +276,35 @@ class CausalSelfAttention(nn.Module):
         if self.rotary is not None:
             start = cache.length if cache is not None else 0
             q, k = self.rotary(q, start), self.rotary(k, start)
-        if cache is None:
-            dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            past = cache.length
+        if cache is not None:
             k, v = cache.extend(k, v)
-            # The new queries come after `past` cached positions: each sees all of those and
-            # the new positions up to its own (is_causal would align the mask to the first key).
-            visible = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif BlockMask is not None and isinstance(mask, BlockMask):
+            y = flex_attention(q, k, v, block_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(batch, seq, width)
         return self.resid_dropout(self.out_proj(y))
 
 
-class MLP(nn.Module):
-    """GPT-2's MLP: down(gelu(up(x))), four times as wide inside."""
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
 
-    def __init__(self, config: GPTConfig):
+
+class MLP(nn.Module):
+    """GPT-2's MLP, down(activation(up(x))), four times as wide inside: GELU, or ReLU squared."""
+
+    def __init__(self, config: GPTConfig, activation: Callable[[torch.Tensor], torch.Tensor] = F.gelu):
         super().__init__()
         self.up = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.down = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.activation = activation
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x))))
+        return self.dropout(self.down(self.activation(self.up(x))))
 
 
 class SwiGLU(nn.Module):
@@ -190,33 +321,24 @@ class SwiGLU(nn.Module):
         return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
 
 
-@dataclass(frozen=True)
-class Parts:
-    """The components in which the architectures differ; everything else is shared."""
-
-    norm: Norm  # width -> normalisation layer, before attention, before the MLP and at the end
-    mlp: type[nn.Module]
-    rotary: bool  # positions: rotary inside attention, or else learned embeddings added to the tokens
-    qk_norm: bool  # normalise queries and keys (with `norm`) before attention
+MLPS = {"gelu": MLP, "relu2": partial(MLP, activation=relu_squared), "swiglu": SwiGLU}
 
 
-def parts_for(config: GPTConfig) -> Parts:
-    """The one place where model.arch chooses components."""
-    if config.arch == "modern":
-        return Parts(norm=nn.RMSNorm, mlp=SwiGLU, rotary=True, qk_norm=True)
-    return Parts(norm=partial(nn.LayerNorm, bias=config.bias), mlp=MLP, rotary=False, qk_norm=False)
+def norm_layer(config: GPTConfig) -> Norm:
+    return partial(nn.LayerNorm, bias=config.bias) if config.norm == "layernorm" else nn.RMSNorm
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, parts: Parts, rotary: Rotary | None = None):
+    def __init__(self, config: GPTConfig, rotary: Rotary | None = None):
         super().__init__()
-        self.ln_attn = parts.norm(config.n_embd)
-        self.attn = CausalSelfAttention(config, rotary, parts.norm if parts.qk_norm else None)
-        self.ln_mlp = parts.norm(config.n_embd)
-        self.mlp = parts.mlp(config)
+        norm = norm_layer(config)
+        self.ln_attn = norm(config.n_embd)
+        self.attn = CausalSelfAttention(config, rotary, norm if config.qk_norm else None)
+        self.ln_mlp = norm(config.n_embd)
+        self.mlp = MLPS[config.mlp](config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x), cache)
+    def forward(self, x: torch.Tensor, mask: AttentionMask = None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x), mask, cache)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -224,24 +346,34 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        parts = parts_for(config)
+        rotary = config.positions == "rotary"
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position_embedding = None if parts.rotary else nn.Embedding(config.block_size, config.n_embd)
-        rotary = Rotary(config.head_size, config.block_size) if parts.rotary else None
+        self.position_embedding = None if rotary else nn.Embedding(config.block_size, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, parts, rotary) for _ in range(config.n_layer))
-        self.ln_final = parts.norm(config.n_embd)
+        shared_rotary = Rotary(config.head_size, config.block_size) if rotary else None
+        self.blocks = nn.ModuleList(Block(config, shared_rotary) for _ in range(config.n_layer))
+        self.ln_final = norm_layer(config)(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying: the head reads tokens out with the same vectors that embed them.
-        self.lm_head.weight = self.token_embedding.weight
+        if config.tied_head:  # the head reads tokens out with the same vectors that embed them
+            self.lm_head.weight = self.token_embedding.weight
+        if not self.lm_head.weight.is_meta:  # built on the meta device only to be counted: no values
+            self.initialise()
 
+    def initialise(self) -> None:
+        """GPT-2's initialisation, then the switches' zeros."""
         self.apply(self._init_weights)
-        # GPT-2 init: each block adds two residual branches, so their output projections
-        # start scaled by 1/sqrt(2 * n_layer) to keep the residual stream's variance flat.
-        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        # Each block adds two residual branches, so their output projections start scaled by
+        # 1/sqrt(2 * n_layer) to keep the residual stream's variance flat; or at zero, so that
+        # every block starts as the identity (the speedrun's choice).
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
-            nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=residual_std)
+            for projection in (block.attn.out_proj, block.mlp.down):
+                if self.config.zero_init_proj:
+                    nn.init.zeros_(projection.weight)
+                else:
+                    nn.init.normal_(projection.weight, mean=0.0, std=residual_std)
+        if not self.config.tied_head:  # an untied head starts at zero: every first prediction uniform
+            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -251,8 +383,8 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, exclude_position_embedding: bool = True) -> int:
-        """Parameter count as nanoGPT reports it: the tied embedding once, position
-        embeddings excluded (they do no multiply-adds per token)."""
+        """Parameter count as nanoGPT reports it: a tied embedding once, position embeddings
+        excluded (they do no multiply-adds per token)."""
         total = sum(p.numel() for p in self.parameters())
         if exclude_position_embedding and self.position_embedding is not None:
             total -= self.position_embedding.weight.numel()
@@ -267,16 +399,25 @@ class GPT(nn.Module):
         """
         hidden = self.hidden_states(idx)
         if targets is None:
-            return self.lm_head(hidden), None
+            return self.logits(hidden), None
         if fused_loss:
             hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
-            return None, HeadCrossEntropy.apply(hidden, self.lm_head.weight, targets, LOSS_CHUNK_ROWS)
-        logits = self.lm_head(hidden)
+            loss = HeadCrossEntropy.apply(
+                hidden, self.lm_head.weight, targets, LOSS_CHUNK_ROWS, self.config.logit_softcap or None
+            )
+            return None, loss
+        logits = self.logits(hidden)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head's scores for the next token, soft-capped to (-cap, cap) with logit_softcap."""
+        logits = self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
     def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """The final LayerNorm's output, (batch, seq, n_embd), which the head turns into logits.
+        """The final norm's output, (batch, seq, n_embd), which the head turns into logits.
 
         With caches (one KVCache per block), idx continues the positions already cached.
         """
@@ -284,13 +425,49 @@ class GPT(nn.Module):
         end = past + idx.shape[1]
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens is longer than model.block_size={self.config.block_size}")
+        mask = self.attention_mask(idx, caches[0] if caches else None)
         x = self.token_embedding(idx)
         if self.position_embedding is not None:  # rotary models place tokens inside attention instead
             x = x + self.position_embedding(torch.arange(past, end, device=idx.device))
         x = self.dropout(x)
         for block, cache in zip(self.blocks, caches or repeat(None)):
-            x = block(x, cache)
+            x = block(x, mask, cache)
         return self.ln_final(x)
+
+    def attention_mask(self, idx: torch.Tensor, cache: KVCache | None = None) -> AttentionMask:
+        """Which earlier positions each new position of idx may attend to, for every layer alike.
+
+        Causal; with doc_mask, also only within its own document. <|endoftext|>, which the data
+        pipeline puts between documents, opens the document after it: the separator and what
+        follows see nothing before it, and the first token of a document is predicted from the
+        separator alone, as a prompt that starts a fresh document is (sample.py).
+        """
+        seq = idx.size(1)
+        starts = idx == END_OF_TEXT_ID
+        if cache is not None:  # generation: the new positions continue the cached ones
+            past = cache.length
+            visible = torch.ones(seq, past + seq, dtype=torch.bool, device=idx.device).tril(diagonal=past)
+            if not self.config.doc_mask:
+                return visible
+            documents = cache.extend_documents(starts)
+            return visible & (documents[:, -seq:, None] == documents[:, None, :]).unsqueeze(1)
+        if not self.config.doc_mask:
+            return None  # plain causal attention: the flash kernels' fast path
+        documents = starts.long().cumsum(dim=1)
+        if self.uses_flex_attention(idx):
+            return document_block_mask(documents)
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=idx.device).tril()
+        return (causal & (documents[:, :, None] == documents[:, None, :])).unsqueeze(1)
+
+    def uses_flex_attention(self, idx: torch.Tensor) -> bool:
+        """FlexAttention's fused kernels come from torch.compile on CUDA (on the CPU torch 2.13 has
+        no backward for it, and uncompiled it materialises every score); it has no dropout."""
+        return (
+            flex_attention is not None
+            and idx.is_cuda
+            and torch.compiler.is_compiling()
+            and not (self.training and self.config.dropout > 0)
+        )
 
     @torch.no_grad()
     def generate(
@@ -316,7 +493,7 @@ class GPT(nn.Module):
             else:
                 caches = [KVCache(self.config.block_size) for _ in self.blocks] if use_cache else None
                 hidden = self.hidden_states(idx[:, -self.config.block_size :], caches)
-            logits = self.lm_head(hidden[:, -1]).float() / temperature
+            logits = self.logits(hidden[:, -1]).float() / temperature
             if self.config.vocab_size > GPT2_VOCAB_SIZE:
                 logits[:, GPT2_VOCAB_SIZE:] = -math.inf  # padding rows: no token to decode
             if top_k is not None:
@@ -325,6 +502,17 @@ class GPT(nn.Module):
             next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
             idx = torch.cat((idx, next_token), dim=1)
         return idx
+
+
+def document_block_mask(documents: torch.Tensor):
+    """FlexAttention's block mask for (batch, seq) document ids: causal and within a document.
+    Blocks of 128 x 128 positions wholly outside are skipped, not computed and then masked."""
+    batch, seq = documents.shape
+
+    def visible(b, h, query, key):
+        return (query >= key) & (documents[b, query] == documents[b, key])
+
+    return create_block_mask(visible, batch, None, seq, seq, device=documents.device)
 
 
 def compile_gpt(model: GPT, tuning: bool = False):

@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import fields, replace
+from dataclasses import fields
 
 import torch
 from lightning.pytorch.accelerators import AcceleratorRegistry
@@ -17,9 +17,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fineweb_gpt.config_schema import check_values, typed
 from fineweb_gpt.data.settings import check_data_config
-from fineweb_gpt.errors import ConfigError, OutOfMemory, one_line
-from fineweb_gpt.flops import chinchilla_tokens, flops_per_token, gpu_for_device, human_count
-from fineweb_gpt.model import GPT, GPTConfig
+from fineweb_gpt.errors import ConfigError, OutOfMemory
+from fineweb_gpt.flops import chinchilla_tokens, gpu_for_device, human_count, model_flops_per_token, parameter_count
+from fineweb_gpt.model import GPTConfig
 from fineweb_gpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 
 log = logging.getLogger("fineweb_gpt")
@@ -240,19 +240,6 @@ def peak_flops(hw: DictConfig, hw_name: str) -> float | None:
     return configured or detected
 
 
-def parameter_count(config: GPTConfig) -> int:
-    """The model's parameters by nanoGPT's count, from copies built without memory (the meta
-    device) one and two layers deep: every layer holds the same, so any depth costs nothing."""
-    try:
-        with torch.device("meta"):
-            one, two = (GPT(replace(config, n_layer=n_layer)).num_params() for n_layer in (1, 2))
-    except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # sizes no tensor can have
-        raise ConfigError(
-            f"the model is too large to build ({one_line(err)}); lower model.n_embd or model.vocab_size"
-        ) from None
-    return one + (config.n_layer - 1) * (two - one)
-
-
 def plan_run(cfg: DictConfig, choices: dict) -> dict:
     """Check the config, then work out the run: what train.py builds from and the summary reports."""
     check_config(cfg, choices.get("hw", "custom"))
@@ -290,9 +277,7 @@ def run_plan(
         **{key: cfg.optim[key] for key in ("lr", "min_lr", "weight_decay")},
         "warmup_steps": fitted_warmup(cfg.optim.warmup_steps, max_steps),
         "val_every_steps": cfg.val_every_steps,
-        "flops_per_token": flops_per_token(
-            num_params, model_config.n_layer, model_config.n_head, model_config.n_embd, block_size
-        ),
+        "flops_per_token": model_flops_per_token(model_config, block_size),
     }
 
 

@@ -5,13 +5,15 @@ plan the log never stated (a trainer's default) is shown but not judged.
 """
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
 from fineweb_gpt.doctor.record import Finding, RunRecord
-from fineweb_gpt.flops import CHINCHILLA_TOKENS_PER_PARAM, human_count, human_ratio, param_count, size_in_name
+from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.flops import CHINCHILLA_TOKENS_PER_PARAM, human_count, human_ratio, parameter_count, size_in_name
+from fineweb_gpt.model import GPTConfig
 from fineweb_gpt.run.run_files import quoted
-from fineweb_gpt.tokenizer import PADDED_VOCAB_SIZE
 
 SIZE_TOLERANCE = 0.20  # stated vs real parameter count
 UNDERTRAINED = 0.5  # of the Chinchilla-optimal token count
@@ -21,12 +23,25 @@ SMALLEST_USEFUL_PARAMS = 5e6
 NEARLY_NEW_EPOCHS = 4  # Muennighoff et al. 2023: up to ~4 epochs, repeated tokens are worth nearly as much as new
 
 
-def width_for_size(target: float, n_layer: int, n_head: int, vocab_size: int, bias: bool) -> int:
-    """The n_embd (a multiple of n_head) whose parameter count is nearest the target."""
+def width_for_size(target: float, model: GPTConfig) -> GPTConfig:
+    """The model with the n_embd (a multiple of n_head that the switches allow) whose parameter
+    count is nearest the target; everything else unchanged."""
     # Past this width either the embedding (V*d) or the blocks (12*L*d^2) alone exceed twice the target.
-    limit = min(2 * target / vocab_size, math.sqrt(2 * target / (12 * n_layer))) + n_head
-    widths = range(n_head, int(limit) + 1, n_head)
-    return min(widths, key=lambda d: abs(param_count(n_layer, d, vocab_size, bias) - target))
+    limit = min(2 * target / model.vocab_size, math.sqrt(2 * target / (12 * model.n_layer))) + model.n_head
+    widths = []
+    for width in range(model.n_head, int(limit) + 1, model.n_head):
+        try:
+            widths.append(replace(model, n_embd=width))
+        except ConfigError:  # rotary positions need an even head size
+            continue
+    if not widths:
+        return model
+    # The count grows with the width: bisect for the first at or above the target, then take the nearer neighbour.
+    low, high = 0, len(widths) - 1
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if parameter_count(widths[middle]) < target else (low, middle)
+    return min(widths[max(0, low - 1) : low + 1], key=lambda m: abs(parameter_count(m) - target))
 
 
 def check_model_size(run: RunRecord) -> Finding | None:
@@ -45,12 +60,12 @@ def check_model_size(run: RunRecord) -> Finding | None:
         f"({', '.join(f'{k}={v}' for k, v in shape.items() if v is not None)}): {actual / size:.2f}x the stated size"
     )
     title = "Model size does not match its name"
-    if not (shape["n_layer"] and shape["n_head"] and run.source in ("fineweb_gpt", "nanogpt", "csv")):
+    model = run.model_config()
+    if not (model and shape["n_head"] and run.source in ("fineweb_gpt", "nanogpt", "csv")):
         return Finding("model_size", True, title, evidence)
-    vocab, bias = run.get("vocab_size", PADDED_VOCAB_SIZE), run.get("bias", False)
-    width = width_for_size(size, shape["n_layer"], shape["n_head"], vocab, bias)
+    sized = width_for_size(size, model)
     fix = (
-        f"{run.setting('n_embd', width)} gives {human_count(param_count(shape['n_layer'], width, vocab, bias))} "
+        f"{run.setting('n_embd', sized.n_embd)} gives {human_count(parameter_count(sized))} "
         f"with n_layer={shape['n_layer']} and n_head={shape['n_head']} unchanged"
     )
     return Finding("model_size", True, title, evidence, fix)
@@ -99,12 +114,12 @@ def check_token_budget(run: RunRecord) -> Finding | None:
     if rate := measured_tokens_per_sec(run):
         fix += f", about {duration(optimal / rate)} at this run's {rate:,.0f} tokens/s"
     budget_model = judged / CHINCHILLA_TOKENS_PER_PARAM
-    if budget_model >= SMALLEST_USEFUL_PARAMS and run.get("n_layer") and run.get("n_head"):
-        vocab, bias = run.get("vocab_size", PADDED_VOCAB_SIZE), run.get("bias", False)
-        width = width_for_size(budget_model, run.get("n_layer"), run.get("n_head"), vocab, bias)
+    model = run.model_config()
+    if budget_model >= SMALLEST_USEFUL_PARAMS and model and run.get("n_head"):
+        sized = width_for_size(budget_model, model)
         fix += (
             f"; or keep this budget with a model of about {human_count(budget_model)} parameters "
-            f"({run.setting('n_embd', width)} gives {human_count(param_count(run.get('n_layer'), width, vocab, bias))})"
+            f"({run.setting('n_embd', sized.n_embd)} gives {human_count(parameter_count(sized))})"
         )
     elif budget_model < SMALLEST_USEFUL_PARAMS:
         fix += (

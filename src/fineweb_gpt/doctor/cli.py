@@ -24,6 +24,7 @@ from fineweb_gpt.doctor.report import render_markdown
 from fineweb_gpt.doctor.sources import FORMATS, read_run
 from fineweb_gpt.errors import ConfigError, UserError, exit_with
 from fineweb_gpt.flops import gpu_table, size_in_name
+from fineweb_gpt.model import MODEL_KEYS, GPTConfig
 from fineweb_gpt.safe_files import check_target, write_atomically
 
 REPORT_NAME = "REPORT.md"
@@ -77,9 +78,8 @@ def apply_options(run: RunRecord, args: argparse.Namespace) -> RunRecord:
     if args.train_tokens is not None:
         summary.update(unique_train_tokens=args.train_tokens, unique_train_tokens_estimated=False)
     if args.model is not None:
-        model = load_option("model", args.model)
-        shape = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
-        summary.update({key: model.get(key) for key in shape})
+        model = GPTConfig(**load_option("model", args.model)).to_dict()
+        summary.update({key: model[key] for key in MODEL_KEYS if key != "dropout"})
         summary.setdefault("model_name", args.model)
         summary["num_params"] = None  # counted from the preset's shape
     if args.params is not None:
@@ -114,15 +114,14 @@ def run_plan(args: argparse.Namespace) -> None:
     if memory_gb is None:
         raise ConfigError("--plan needs the GPU's memory: --gpu-memory-gb 12 (or --gpu rtx4070)")
     name, tokens_per_step = args.model or "124m", args.tokens_per_step or 524288
-    model = load_option("model", name)
-    shape = [model["n_layer"], model["n_embd"], model["block_size"], memory_gb, tokens_per_step, model["vocab_size"]]
-    plan = plan_batch(*shape, args.gpus, model["bias"], args.compile)
+    model = GPTConfig(**load_option("model", name))
+    plan = plan_batch(model, memory_gb, tokens_per_step, args.gpus, args.compile)
     compile_flag = " hw.compile=true" if args.compile else ""
     print(f"model={name}: {plan.describe()}")
     print(f"fineweb_gpt: hw.micro_batch_size={plan.micro_batch} total_batch_tokens={tokens_per_step}{compile_flag}")
     print(f"nanoGPT: --batch_size={plan.micro_batch} --gradient_accumulation_steps={plan.grad_accum * args.gpus}")
     if not args.compile:
-        compiled = plan_batch(*shape, args.gpus, model["bias"], True)
+        compiled = plan_batch(model, memory_gb, tokens_per_step, args.gpus, True)
         print(
             f"compiled (hw.compile=true): micro-batch {compiled.micro_batch} x gradient accumulation "
             f"{compiled.grad_accum}, about {compiled.memory.describe()}"

@@ -8,6 +8,10 @@ that grow with the residual stream (tokens x layers x width) and, uncompiled, wi
 logits never exist whole: its activations are fitted on the two compiled 124m peaks. A figure
 is "measured" where that exact setup was measured and "modelled" otherwise, and it always
 says whether it is for compiled or uncompiled training.
+
+The model's switches: the state follows them exactly (the parameter count of flops.py, an
+untied head included); the activations are those of a GPT-2 of the same shape plus what each
+other switch was measured to add (SWITCH_EXTRA_GIB), scaled with what it grows with.
 """
 
 from dataclasses import dataclass
@@ -18,7 +22,8 @@ import numpy as np
 from fineweb_gpt.doctor.record import Finding, RunRecord
 from fineweb_gpt.doctor.speed import gpu_of
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.flops import human_count, param_count
+from fineweb_gpt.flops import gpt2_shaped, human_count, parameter_count
+from fineweb_gpt.model import PRESETS, GPTConfig
 from fineweb_gpt.tokenizer import PADDED_VOCAB_SIZE
 
 GIB = 2**30
@@ -33,16 +38,33 @@ MEASURED_PEAK_GIB = {
 # within max_micro_batch.py's 11 GiB cap (a 12 GB card), and uncompiled at 64 on an H100 80 GB
 # (conf/hw/h100.yaml), where the linear model, fitted on small micro-batches, says about 69 GiB.
 MEASURED_OUT_OF_MEMORY = {(False, 12, 768): {10: 12.0, 64: 80.0}}
+# What each switch added to the peak of one uncompiled 124m step (H200, bf16 autocast, fused AdamW,
+# micro-batch 8, block 1024; docs/architecture.md), and what that grows with: the residual stream
+# (tokens x layers x width), the logits (tokens x vocabulary) or the document mask (tokens x block).
+# An untied head adds only its state, which the parameter count already holds.
+SWITCH_EXTRA_GIB = {
+    ("norm", "rmsnorm"): (-0.01, "residual"),
+    ("positions", "rotary"): (0.42, "residual"),
+    ("mlp", "swiglu"): (0.51, "residual"),
+    ("mlp", "relu2"): (1.13, "residual"),
+    ("qk_norm", True): (1.00, "residual"),
+    ("logit_softcap", "a cap"): (0.76, "logits"),  # any cap (15 measured)
+    ("doc_mask", True): (0.18, "mask"),
+}
+SWITCHES_MEASURED_ON = (GPTConfig(n_layer=12, n_head=12, n_embd=768), 8)  # 124m, block 1024, micro-batch 8
 STATE_BYTES_PER_PARAM = 16  # fp32 weights and gradients, AdamW's two moments
 CUDA_CONTEXT_GIB = 1.0  # headroom outside the allocator
 
 
-def training_params(n_layer: int, n_embd: int, block_size: int, vocab_size: int, bias: bool = False) -> int:
-    return param_count(n_layer, n_embd, vocab_size, bias) + block_size * n_embd  # position embeddings train too
+def state_bytes(model: GPTConfig) -> float:
+    """Weights, gradients and AdamW's moments of every trained parameter, position embeddings too."""
+    return STATE_BYTES_PER_PARAM * parameter_count(model, position_embedding=True)
 
 
-def state_bytes(n_layer: int, n_embd: int, block_size: int, vocab_size: int, bias: bool = False) -> float:
-    return STATE_BYTES_PER_PARAM * training_params(n_layer, n_embd, block_size, vocab_size, bias)
+def measured_shape(model: GPTConfig) -> bool:
+    """Whether the model is one the peaks were measured on: a GPT-2, vocabulary 50304, block 1024, no bias."""
+    shape = (model.block_size, model.vocab_size, model.bias) == (MEASURED_BLOCK_SIZE, PADDED_VOCAB_SIZE, False)
+    return shape and all(getattr(model, key) == value for key, value in PRESETS["gpt2"].items())
 
 
 @cache
@@ -52,7 +74,7 @@ def uncompiled_activation_bytes() -> np.ndarray:
     for (compiled, n_layer, n_embd), peaks in MEASURED_PEAK_GIB.items():
         if compiled:
             continue
-        state = state_bytes(n_layer, n_embd, MEASURED_BLOCK_SIZE, PADDED_VOCAB_SIZE)
+        state = state_bytes(gpt2_shaped(n_layer, n_embd))
         for micro_batch, gib in peaks.items():
             tokens = micro_batch * MEASURED_BLOCK_SIZE
             features.append([tokens * n_layer * n_embd, tokens * PADDED_VOCAB_SIZE])
@@ -64,23 +86,45 @@ def uncompiled_activation_bytes() -> np.ndarray:
 def compiled_activation_bytes() -> tuple[float, float]:
     """(bytes per token x layer x width, fixed bytes), the line through the two compiled 124m peaks."""
     (small, small_gib), (large, large_gib) = sorted(MEASURED_PEAK_GIB[(True, 12, 768)].items())
-    state = state_bytes(12, 768, MEASURED_BLOCK_SIZE, PADDED_VOCAB_SIZE)
+    state = state_bytes(gpt2_shaped(12, 768))
     per_token = (large_gib - small_gib) * GIB / ((large - small) * MEASURED_BLOCK_SIZE)
     fixed = small_gib * GIB - state - per_token * small * MEASURED_BLOCK_SIZE
     return per_token / (12 * 768), fixed
 
 
-def modelled_memory_gib(
-    n_layer: int, n_embd: int, block_size: int, vocab_size: int, micro_batch: int, bias: bool = False, compiled=False
-) -> float:
-    """Predicted peak GPU memory of a bf16 training step."""
-    tokens = micro_batch * block_size
-    state = state_bytes(n_layer, n_embd, block_size, vocab_size, bias)
+def activation_sizes(model: GPTConfig, micro_batch: int) -> dict[str, int]:
+    """What a step's activations grow with, by name."""
+    tokens = micro_batch * model.block_size
+    return {
+        "residual": tokens * model.n_layer * model.n_embd,
+        "logits": tokens * model.vocab_size,
+        "mask": tokens * model.block_size,
+    }
+
+
+def switch_extra_bytes(model: GPTConfig, micro_batch: int, compiled: bool) -> float:
+    """What the model's switches add to the activations of the GPT-2 of its shape. Compiled, the
+    fused head-loss never holds the capped logits, and FlexAttention's block mask replaces the
+    boolean one; the rest were measured uncompiled only, so a compiled figure errs high."""
+    measured = activation_sizes(*SWITCHES_MEASURED_ON)
+    sizes = activation_sizes(model, micro_batch)
+    extra = 0.0
+    for (key, value), (gib, grows_with) in SWITCH_EXTRA_GIB.items():
+        applies = getattr(model, key) is not False if value == "a cap" else getattr(model, key) == value
+        if applies and not (compiled and grows_with in ("logits", "mask")):
+            extra += gib * GIB * sizes[grows_with] / measured[grows_with]
+    return extra
+
+
+def modelled_memory_gib(model: GPTConfig, micro_batch: int, compiled=False) -> float:
+    """Predicted peak GPU memory of a bf16 training step at this micro-batch of model.block_size tokens."""
+    sizes = activation_sizes(model, micro_batch)
+    switches = switch_extra_bytes(model, micro_batch, compiled)
     if compiled:
         per_unit, fixed = compiled_activation_bytes()
-        return float(state + per_unit * tokens * n_layer * n_embd + fixed) / GIB
-    features = np.array([tokens * n_layer * n_embd, tokens * vocab_size], dtype=float)
-    return float(state + features @ uncompiled_activation_bytes()) / GIB
+        return float(state_bytes(model) + per_unit * sizes["residual"] + fixed + switches) / GIB
+    features = np.array([sizes["residual"], sizes["logits"]], dtype=float)
+    return float(state_bytes(model) + features @ uncompiled_activation_bytes() + switches) / GIB
 
 
 @dataclass(frozen=True)
@@ -94,25 +138,20 @@ class MemoryEstimate:
         return f"{self.gib:.1f} GiB ({how}, {'compiled' if self.compiled else 'uncompiled'})"
 
 
-def training_memory(
-    n_layer: int, n_embd: int, block_size: int, vocab_size: int, micro_batch: int, bias=False, compiled=False
-) -> MemoryEstimate:
+def training_memory(model: GPTConfig, micro_batch: int, compiled=False) -> MemoryEstimate:
     """The measured peak where this exact setup was measured, the model's otherwise."""
-    if block_size == MEASURED_BLOCK_SIZE and vocab_size == PADDED_VOCAB_SIZE and not bias:
-        measured = MEASURED_PEAK_GIB.get((bool(compiled), n_layer, n_embd), {}).get(micro_batch)
+    if measured_shape(model):
+        measured = MEASURED_PEAK_GIB.get((bool(compiled), model.n_layer, model.n_embd), {}).get(micro_batch)
         if measured is not None:
             return MemoryEstimate(measured, True, bool(compiled))
-    gib = modelled_memory_gib(n_layer, n_embd, block_size, vocab_size, micro_batch, bias, compiled)
-    return MemoryEstimate(gib, False, bool(compiled))
+    return MemoryEstimate(modelled_memory_gib(model, micro_batch, compiled), False, bool(compiled))
 
 
-def out_of_memory_from(
-    n_layer: int, n_embd: int, block_size: int, vocab_size: int, bias: bool, compiled: bool, memory_gb: float
-) -> int | None:
+def out_of_memory_from(model: GPTConfig, compiled: bool, memory_gb: float) -> int | None:
     """The smallest micro-batch measured not to fit on a GPU this size or larger, for this setup."""
-    if block_size != MEASURED_BLOCK_SIZE or vocab_size != PADDED_VOCAB_SIZE or bias:
+    if not measured_shape(model):
         return None
-    seen = MEASURED_OUT_OF_MEMORY.get((bool(compiled), n_layer, n_embd), {})
+    seen = MEASURED_OUT_OF_MEMORY.get((bool(compiled), model.n_layer, model.n_embd), {})
     return min((m for m, gpu_gb in seen.items() if memory_gb <= gpu_gb), default=None)
 
 
@@ -151,20 +190,17 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def plan_batch(
-    n_layer: int,
-    n_embd: int,
-    block_size: int,
+    model: GPTConfig,
     memory_gb: float,
     tokens_per_step: int,
-    vocab_size: int = PADDED_VOCAB_SIZE,
     world_size: int = 1,
-    bias: bool = False,
     compiled: bool = False,
     known_to_fit: int = 0,
 ) -> BatchPlan:
-    """The largest micro-batch that fits in memory and divides the tokens per step. A micro-batch
-    measured running out of memory on a GPU this size is never proposed; one a run was seen
-    training at on this GPU (known_to_fit) fits, whatever the model says."""
+    """The largest micro-batch of model.block_size windows that fits in memory and divides the
+    tokens per step. A micro-batch measured running out of memory on a GPU this size is never
+    proposed; one a run was seen training at on this GPU (known_to_fit) fits, whatever the model says."""
+    block_size = model.block_size
     sequences, remainder = divmod(tokens_per_step, block_size * world_size)
     if remainder or sequences == 0:
         raise ConfigError(
@@ -174,17 +210,17 @@ def plan_batch(
     budget = memory_gb - CUDA_CONTEXT_GIB
 
     def memory(micro_batch: int) -> MemoryEstimate:
-        return training_memory(n_layer, n_embd, block_size, vocab_size, micro_batch, bias, compiled)
+        return training_memory(model, micro_batch, compiled)
 
     known_to_fit = min(known_to_fit, sequences)
     if memory(1).gib > budget and not known_to_fit:
         raise ConfigError(
-            f"a {human_count(param_count(n_layer, n_embd, vocab_size, bias))}-parameter model needs about "
+            f"a {human_count(parameter_count(model))}-parameter model needs about "
             f"{memory(1).describe()} at micro-batch 1, more than the {budget:g} GiB a {memory_gb:g} GB GPU leaves; "
             "use a smaller model, compile it, or use a bigger GPU"
         )
     # Memory grows with the micro-batch: bisect for the largest that fits.
-    out_of_memory = out_of_memory_from(n_layer, n_embd, block_size, vocab_size, bias, compiled, memory_gb)
+    out_of_memory = out_of_memory_from(model, compiled, memory_gb)
     too_big = sequences + 1 if out_of_memory is None else min(sequences + 1, max(out_of_memory, known_to_fit + 1))
     largest = max(1, known_to_fit)
     while too_big - largest > 1:
@@ -202,27 +238,16 @@ def check_batch_plan(run: RunRecord) -> Finding | None:
         return None  # the model is of a PyTorch GPT-2 training step; llm.c's own kernels use memory differently
     gpu = gpu_of(run)
     memory_gb = run.get("gpu_memory_gb") or (gpu.memory_gb if gpu else None)
-    shape = [run.get(key) for key in ("n_layer", "n_embd", "block_size", "tokens_per_step")]
-    if not memory_gb or not all(shape):
+    model, tokens_per_step, compiled = run.model_config(), run.get("tokens_per_step"), run.get("compile")
+    if not memory_gb or not (model and run.get("block_size") and tokens_per_step):
         return None
-    n_layer, n_embd, block_size, tokens_per_step = shape
-    vocab_size, bias, compiled = run.get("vocab_size", PADDED_VOCAB_SIZE), run.get("bias", False), run.get("compile")
     # nanoGPT's compiled step still holds the whole logits: the uncompiled figures are its closer model.
     modelled_compiled = bool(compiled) and run.source != "nanogpt"
     current = run.get("micro_batch_size")
     trained = bool(current) and any("train/loss" in row for row in run.rows)
     try:
         plan = plan_batch(
-            n_layer,
-            n_embd,
-            block_size,
-            memory_gb,
-            tokens_per_step,
-            vocab_size,
-            run.get("world_size", 1),
-            bias,
-            modelled_compiled,
-            current if trained else 0,
+            model, memory_gb, tokens_per_step, run.get("world_size", 1), modelled_compiled, current if trained else 0
         )
     except ConfigError as err:
         return Finding("batch_plan", False, "Batch plan", str(err))
@@ -232,8 +257,8 @@ def check_batch_plan(run: RunRecord) -> Finding | None:
     elif compiled and not modelled_compiled:
         evidence += " (nanoGPT compiled, but its step still holds the whole logits, as an uncompiled one does)"
     if current and current != plan.micro_batch:
-        need = training_memory(n_layer, n_embd, block_size, vocab_size, current, bias, modelled_compiled)
-        out_of_memory = out_of_memory_from(n_layer, n_embd, block_size, vocab_size, bias, modelled_compiled, memory_gb)
+        need = training_memory(model, current, modelled_compiled)
+        out_of_memory = out_of_memory_from(model, modelled_compiled, memory_gb)
         evidence += f"; this run {'trained at' if trained else 'uses'} micro-batch {current}"
         if trained:
             evidence += ", so it fits"

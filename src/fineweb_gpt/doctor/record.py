@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from fineweb_gpt.flops import human_count, param_count
+from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.flops import human_count, parameter_count
+from fineweb_gpt.model import MODEL_KEYS, SWITCHES, GPTConfig
 from fineweb_gpt.run.run_files import one_line_text
-from fineweb_gpt.tokenizer import PADDED_VOCAB_SIZE
 
 SOURCE_NAMES = {
     "fineweb_gpt": "fineweb_gpt run folder",
@@ -51,7 +52,8 @@ NUMBER_BOUNDS = {
     "gpu_memory_gb": (0.01, 100_000.0),
 }
 INTEGER_KEYS = {key for key in NUMBER_BOUNDS if key not in ("lr", "min_lr", "dropout", "gpu_memory_gb")}
-BOOLEAN_KEYS = ("bias", "compile", "unique_train_tokens_estimated")
+BOOLEAN_KEYS = ("bias", "compile", "unique_train_tokens_estimated", *SWITCHES)
+SOFTCAP_BOUNDS = (1e-6, 1e6)  # model.logit_softcap: a number, or false
 LIST_KEYS = ("data_files", "run_names")
 
 
@@ -67,6 +69,9 @@ def sanitized(summary: dict) -> dict:
             clean[key] = int(value) if key in INTEGER_KEYS else float(value)
         elif key in BOOLEAN_KEYS:
             if isinstance(value, bool):
+                clean[key] = value
+        elif key == "logit_softcap":
+            if value is False or (type(value) in (int, float) and SOFTCAP_BOUNDS[0] <= value <= SOFTCAP_BOUNDS[1]):
                 clean[key] = value
         elif key in LIST_KEYS:
             if isinstance(value, list):
@@ -171,9 +176,20 @@ class RunRecord:
     def num_params(self) -> float | None:
         if self.get("num_params"):
             return self.summary["num_params"]
-        if self.get("n_layer") and self.get("n_embd"):
-            return param_count(self.get("n_layer"), self.get("n_embd"), self.get("vocab_size", PADDED_VOCAB_SIZE))
-        return None
+        model = self.model_config()
+        return parameter_count(model) if model else None
+
+    def model_config(self) -> GPTConfig | None:
+        """The model the run trained, as far as its files say: every setting a fineweb_gpt run
+        records; for other trainers' logs, which give the shape only, a GPT-2 of that shape."""
+        if not (self.get("n_layer") and self.get("n_embd")):
+            return None
+        settings = {key: self.summary[key] for key in MODEL_KEYS if self.get(key) is not None}
+        settings.setdefault("n_head", 1)  # changes no parameter count of a GPT-2
+        try:
+            return GPTConfig(**settings)
+        except ConfigError:  # settings no model can have (a crafted or damaged file)
+            return None
 
     @property
     def epochs(self) -> float | None:

@@ -17,7 +17,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.model import ARCHITECTURE_KEYS, GPTConfig
+from fineweb_gpt.model import ARCHITECTURE_KEYS, resolved_model_settings
 from fineweb_gpt.run.checkpoint_files import checkpoint_step, read_checkpoint, saved_checkpoints
 from fineweb_gpt.run.names import CHECKPOINTS
 
@@ -81,6 +81,7 @@ FIXED_OPTIM_KEYS = ("optimizer", "betas", "eps", "weight_decay", "muon_momentum"
 # These change the run from the resumed step on (the schedule follows the command's optim values).
 CHANGING_KEYS = (
     "model.dropout",
+    "model.doc_mask",
     "optim.lr",
     "optim.min_lr",
     "optim.warmup_steps",
@@ -99,7 +100,7 @@ def run_settings(checkpoint: dict) -> dict:
     settings = dict(checkpoint.get("run_config") or {})
     hparams = checkpoint.get("hyper_parameters") or {}
     if "model_config" in hparams:
-        settings["model"] = {**GPTConfig().to_dict(), **hparams["model_config"]}
+        settings["model"] = resolved_model_settings(hparams["model_config"])
         flat = {k: v for k, v in hparams.items() if k not in ("model_config", "loss_guard", "optim")}
         settings["optim"] = {**settings.get("optim", {}), **(hparams.get("optim") or flat)}
     return settings
@@ -107,7 +108,7 @@ def run_settings(checkpoint: dict) -> dict:
 
 def command_settings(config: dict) -> dict:
     """This command's settings in the same shape, with the defaults the model fills in."""
-    return {**config, "model": {**GPTConfig().to_dict(), **(config.get("model") or {})}}
+    return {**config, "model": resolved_model_settings(config.get("model") or {})}
 
 
 def setting(settings: dict, key: str):

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from doctor_fixtures import CHINCHILLA_STEPS_40M, TOKENS_PER_STEP, metric_rows, power_law, run_summary
+from fineweb_gpt.config_files import load_option
 from fineweb_gpt.doctor.checks import diagnose
 from fineweb_gpt.doctor.forecast import fit_power_law, forecast_loss
 from fineweb_gpt.doctor.memory import MEASURED_PEAK_GIB, modelled_memory_gib, plan_batch, training_memory
@@ -267,10 +268,12 @@ def test_memory_figures_are_the_measurements_where_measured_and_the_model_stays_
             estimate = training_memory(gpt2_shaped(n_layer, n_embd), micro_batch, compiled=compiled)
             assert (estimate.gib, estimate.measured, estimate.compiled) == (gib, True, compiled)
             modelled = modelled_memory_gib(gpt2_shaped(n_layer, n_embd), micro_batch, compiled=compiled)
-            assert modelled == pytest.approx(gib, abs=0.3)
+            # Compiled: one fit for two widths and peaks read two ways (reserved, allocated).
+            assert modelled == pytest.approx(gib, abs=0.5 if compiled else 0.3)
     assert training_memory(gpt2_shaped(12, 768), 12).describe().endswith("(modelled, uncompiled)")
-    # 124m at micro-batch 10 ran out of memory within 11 GiB, uncompiled.
+    # 124m at micro-batch 10 ran out of memory within 11 GiB, uncompiled; 40m at 32, compiled.
     assert modelled_memory_gib(gpt2_shaped(12, 768), 10) > 11
+    assert modelled_memory_gib(gpt2_shaped(12, 384), 32, compiled=True) > 11
 
 
 @pytest.mark.parametrize(
@@ -287,14 +290,15 @@ def test_batch_plan_on_12_gb(n_embd, tokens_per_step, micro_batch, grad_accum, l
     assert plan.memory.gib <= 12 - 1  # the CUDA context keeps 1 GiB
 
 
-def test_compiled_batch_plan_follows_the_two_compiled_measurements():
-    (small, small_gib), (large, large_gib) = sorted(MEASURED_PEAK_GIB[(True, 12, 768)].items())
-    per_sequence = (large_gib - small_gib) / (large - small)
-    largest = max(m for m in range(1, 513) if small_gib + (m - small) * per_sequence <= 11)
-    plan = plan_batch(gpt2_shaped(12, 768), memory_gb=12, tokens_per_step=524288, compiled=True)
-    assert plan.largest_fitting == largest
-    assert plan.micro_batch == max(m for m in range(1, largest + 1) if 512 % m == 0)
-    assert plan.memory.compiled and not plan.memory.measured
+@pytest.mark.parametrize("n_embd", [768, 384])
+def test_compiled_batch_plan_on_12_gb_is_the_measured_largest_micro_batch(n_embd):
+    # hw=rtx4070: compiled, 16 for 124m (10.72 GiB) and for 40m (7.60 GiB; 32 ran out of memory).
+    plan = plan_batch(gpt2_shaped(12, n_embd), memory_gb=12, tokens_per_step=524288, compiled=True)
+    assert (plan.micro_batch, plan.grad_accum) == (16, 32)
+    assert plan.memory.compiled and plan.memory.measured
+    assert plan.memory.gib == MEASURED_PEAK_GIB[(True, 12, n_embd)][16] <= 12 - 1
+    assert 16 <= plan.largest_fitting < 32
+    assert load_option("hw", "rtx4070")["micro_batch_size"] == plan.micro_batch  # the profile trains at it
 
 
 def test_a_micro_batch_the_run_trained_at_fits_whatever_the_model_says():

@@ -1,11 +1,11 @@
 """How much GPU memory a training step needs, and the micro-batch and accumulation that fit.
 
 Peaks measured with benchmarks/max_micro_batch.py and benchmarks/train_throughput.py on an
-H100 (bf16 autocast, fused AdamW, block 1024, the allocator's peak) calibrate a model:
+H100 and an H200 (bf16 autocast, fused AdamW, block 1024, the allocator's peak) calibrate a model:
 fp32 weights, gradients and AdamW's two moments (16 bytes a parameter), plus activations
 that grow with the residual stream (tokens x layers x width) and, uncompiled, with the
 (tokens x vocabulary) logits. Compiled training fuses the output head with the loss, so the
-logits never exist whole: its activations are fitted on the two compiled 124m peaks. A figure
+logits never exist whole: its activations are fitted on the compiled 124m and 40m peaks. A figure
 is "measured" where that exact setup was measured and "modelled" otherwise, and it always
 says whether it is for compiled or uncompiled training.
 
@@ -32,12 +32,14 @@ MEASURED_BLOCK_SIZE = 1024
 MEASURED_PEAK_GIB = {
     (False, 12, 768): {2: 3.93, 4: 6.32, 6: 7.99, 8: 10.29},  # 124m; 10 ran out of memory within 11 GiB
     (False, 12, 384): {2: 2.36, 4: 4.42, 6: 6.48, 8: 8.51, 10: 10.71},  # 40m
-    (True, 12, 768): {8: 6.56, 64: 30.4},  # 124m, compiled with the fused head and loss
+    # Compiled, with the fused head and loss (H200, max_micro_batch.py --compile; 64: train_throughput.py).
+    (True, 12, 768): {8: 6.56, 16: 10.72, 64: 30.4},  # 124m
+    (True, 12, 384): {16: 7.60},  # 40m; 32 ran out of memory within 11 GiB
 }
 # Micro-batches seen running out of memory, by the GPU memory (GB) they did not fit on: 124m at 10
 # within max_micro_batch.py's 11 GiB cap (a 12 GB card), and uncompiled at 64 on an H100 80 GB
 # (conf/hw/h100.yaml), where the linear model, fitted on small micro-batches, says about 69 GiB.
-MEASURED_OUT_OF_MEMORY = {(False, 12, 768): {10: 12.0, 64: 80.0}}
+MEASURED_OUT_OF_MEMORY = {(False, 12, 768): {10: 12.0, 64: 80.0}, (True, 12, 384): {32: 12.0}}
 # What each switch added to the peak of one uncompiled 124m step (H200, bf16 autocast, fused AdamW,
 # micro-batch 8, block 1024; docs/architecture.md), and what that grows with: the residual stream
 # (tokens x layers x width), the logits (tokens x vocabulary) or the document mask (tokens x block).
@@ -83,13 +85,19 @@ def uncompiled_activation_bytes() -> np.ndarray:
 
 
 @cache
-def compiled_activation_bytes() -> tuple[float, float]:
-    """(bytes per token x layer x width, fixed bytes), the line through the two compiled 124m peaks."""
-    (small, small_gib), (large, large_gib) = sorted(MEASURED_PEAK_GIB[(True, 12, 768)].items())
-    state = state_bytes(gpt2_shaped(12, 768))
-    per_token = (large_gib - small_gib) * GIB / ((large - small) * MEASURED_BLOCK_SIZE)
-    fixed = small_gib * GIB - state - per_token * small * MEASURED_BLOCK_SIZE
-    return per_token / (12 * 768), fixed
+def compiled_activation_bytes() -> np.ndarray:
+    """Bytes per (token x layer x width), per token and fixed, least squares on the compiled peaks.
+    The per-token term is the fused head-loss's chunk of logits, whatever the model's width."""
+    features, activation_memory = [], []
+    for (compiled, n_layer, n_embd), peaks in MEASURED_PEAK_GIB.items():
+        if not compiled:
+            continue
+        state = state_bytes(gpt2_shaped(n_layer, n_embd))
+        for micro_batch, gib in peaks.items():
+            tokens = micro_batch * MEASURED_BLOCK_SIZE
+            features.append([tokens * n_layer * n_embd, tokens, 1.0])
+            activation_memory.append(gib * GIB - state)
+    return np.linalg.lstsq(np.array(features, dtype=float), np.array(activation_memory), rcond=None)[0]
 
 
 def activation_sizes(model: GPTConfig, micro_batch: int) -> dict[str, int]:
@@ -121,8 +129,8 @@ def modelled_memory_gib(model: GPTConfig, micro_batch: int, compiled=False) -> f
     sizes = activation_sizes(model, micro_batch)
     switches = switch_extra_bytes(model, micro_batch, compiled)
     if compiled:
-        per_unit, fixed = compiled_activation_bytes()
-        return float(state_bytes(model) + per_unit * sizes["residual"] + fixed + switches) / GIB
+        features = np.array([sizes["residual"], micro_batch * model.block_size, 1.0])
+        return float(state_bytes(model) + features @ compiled_activation_bytes() + switches) / GIB
     features = np.array([sizes["residual"], sizes["logits"]], dtype=float)
     return float(state_bytes(model) + features @ uncompiled_activation_bytes() + switches) / GIB
 

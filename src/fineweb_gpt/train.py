@@ -14,9 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fineweb_gpt.callbacks import RunMonitor
 from fineweb_gpt.checkpointing import RunStopped, hand_on
-from fineweb_gpt.config_files import build, config_dir, hydra_choices, in_multirun, sweep_names
+from fineweb_gpt.config_files import build, config_dir, in_multirun, sweep_names
 from fineweb_gpt.console import StepProgressBar, route_warnings_to_log
 from fineweb_gpt.errors import ConfigError, UserError, exit_with, one_line
+from fineweb_gpt.evals.in_training import hellaswag_callbacks
+from fineweb_gpt.export import initial_weights, use_init_from
 from fineweb_gpt.latest_run import LatestRun, discard_untrained_run, refuse_run, started_training
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.loggers import build_loggers, finish_wandb_run
@@ -33,7 +35,7 @@ def train(cfg: DictConfig, folder: RunFolder | None = None, plan: dict | None = 
     """Run one training job; returns the final validation loss (for sweepers). Raises RunStopped
     when a signal stopped it part way. main() passes the run folder as claim_run_folder settled it
     and the plan it checked; a direct call (tests) works them out here."""
-    plan = plan or plan_run(cfg, hydra_choices())  # refuses what cannot work, before anything is built
+    plan = plan or plan_run(cfg, use_init_from(cfg))  # refuses what cannot work, before anything is built
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left on Ampere and newer
@@ -46,12 +48,17 @@ def train(cfg: DictConfig, folder: RunFolder | None = None, plan: dict | None = 
         compile_model=cfg.hw.compile,
         compile_tuning=cfg.hw.get("compile_tuning", False),
     )
+    if cfg.get("init_from") and ckpt_path is None:  # a resumed run has its own weights
+        module.model.load_state_dict(initial_weights(cfg.init_from, module.model.config))
 
     config = OmegaConf.to_container(cfg, resolve=True)
     monitor = RunMonitor(plan, run_dir=cfg.run_dir, log_every_n_steps=cfg.trainer.log_every_n_steps or 1, config=config)
     configured = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     record = [folder] if folder else []  # the run's config in every checkpoint, for the next resume's check
-    callbacks = [monitor, StepProgressBar(), LatestRun(cfg.run_dir, cfg.get("latest_link")), *record, *configured]
+    # HellaSwag after the monitor, which has then timed the step: its time stays out of the step's.
+    hellaswag = hellaswag_callbacks(cfg.get("eval"), plan["hellaswag_every_steps"], cfg.run_dir, monitor)
+    callbacks = [monitor, *hellaswag, StepProgressBar(), LatestRun(cfg.run_dir, cfg.get("latest_link")), *record]
+    callbacks += configured
     resumed_from = read_checkpoint(ckpt_path) if ckpt_path else None
     loggers = build_loggers(cfg.get("logger"), cfg.run_dir, resumed_from, sweep_names())
     trainer: L.Trainer = build(
@@ -86,7 +93,7 @@ def main(cfg: DictConfig) -> float | None:
     leaves no folder (or an earlier run's folder as it was)."""
     route_warnings_to_log()
     try:
-        plan = plan_run(cfg, hydra_choices())  # refuses what cannot work; writes nothing
+        plan = plan_run(cfg, use_init_from(cfg))  # refuses what cannot work; writes nothing
     except ConfigError as err:
         return refuse_run(cfg, err, own_folder=True)
     try:

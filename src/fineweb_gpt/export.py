@@ -285,15 +285,15 @@ def run_facts(ckpt: Path, checkpoint: dict) -> dict:
         rows = [row for row in rows if row.get("step") is not None and row["step"] <= (facts["step"] or 0)]
         val = [row for row in rows if "val/loss" in row]
         if val:
-            facts["val_loss"] = {"loss": val[-1]["val/loss"], "step": val[-1]["step"]}
+            facts["val_loss"] = {"loss": val[-1]["val/loss"], "step": int(val[-1]["step"])}
         scored = [row for row in rows if "eval/hellaswag_acc_norm" in row]
         if scored:
             last = scored[-1]
             facts["hellaswag"] = {
                 "acc": last.get("eval/hellaswag_acc"),
                 "acc_norm": last["eval/hellaswag_acc_norm"],
-                "examples": last.get("eval/hellaswag_examples"),
-                "step": last["step"],
+                "examples": int(last.get("eval/hellaswag_examples") or 0),
+                "step": int(last["step"]),
             }
         overrides = read_overrides(run_dir)
         if (run_dir / ".hydra").is_dir():
@@ -400,6 +400,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, push_to_hub: str | None
         (staging / OUR_FILE).write_text(json.dumps(record, indent=2) + "\n")
         card = model_card(model.config, type(hf_model).__name__, model.num_params(), facts, push_to_hub or out.name)
         (staging / "README.md").write_text(card)
+        readable_as_umask_allows(staging)  # mkdtemp and safetensors make them private
         if out.exists():
             shutil.rmtree(out)  # an earlier export of ours (checked above), replaced whole
         os.replace(staging, out)
@@ -408,6 +409,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, push_to_hub: str | None
     if push_to_hub:
         upload(out, push_to_hub)
     return out, difference
+
+
+def readable_as_umask_allows(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~umask)
 
 
 def upload(folder: Path, repo: str) -> None:

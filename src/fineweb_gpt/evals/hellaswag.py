@@ -186,9 +186,11 @@ def ending_losses(model: GPT, batch: list[EncodedExample], device: torch.device 
         tokens[i, : len(row)] = torch.tensor(row)
         scored[i, start - 1 : len(row) - 1] = True
     tokens, scored = tokens.to(device), scored.to(device)
-    logits = model(tokens[:, :-1])[0]
-    targets = tokens[:, 1:][scored]
-    losses = F.cross_entropy(logits[scored][:, :GPT2_VOCAB_SIZE].float(), targets, reduction="none")
+    # The head only where an ending token is predicted (as GPT.generate reads the last position):
+    # the logits of every position would be most of the work and the memory.
+    hidden = model.hidden_states(tokens[:, :-1])[scored]
+    logits = model.lm_head(hidden)[:, :GPT2_VOCAB_SIZE]
+    losses = F.cross_entropy(logits.float(), tokens[:, 1:][scored], reduction="none")
     per_row = torch.zeros(scored.shape, dtype=torch.float32, device=losses.device)
     per_row[scored] = losses
     summed = per_row.sum(dim=1)
@@ -234,3 +236,32 @@ def score_examples(
 def rank_share(total: int, rank: int, world_size: int) -> list[int]:
     """The examples one of `world_size` ranks scores: rank r takes r, r + world_size, ..."""
     return list(range(rank, total, world_size))
+
+
+def synthetic_examples(count: int, seed: int = 0) -> list[Example]:
+    """Examples shaped like HellaSwag's (a context of 20 to 80 words, endings of 10 to 30) cut from
+    the bundled FineWeb documents, for timing and tests without the real file: the right ending
+    continues the context's document, the others come from other documents."""
+    import random
+
+    import pyarrow.parquet as pq
+
+    from fineweb_gpt.data import bundled_sample_path
+
+    documents = [t.split() for t in pq.read_table(bundled_sample_path(), columns=["text"]).column("text").to_pylist()]
+    documents = [words for words in documents if len(words) >= 120]
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(count):
+        words = rng.choice(documents)
+        start, context_words = rng.randrange(len(words) - 110), rng.randint(20, 80)
+        right = words[start + context_words : start + context_words + rng.randint(10, 30)]
+        others = []
+        for _ in range(ENDINGS - 1):
+            other = rng.choice(documents)
+            at = rng.randrange(len(other) - 30)
+            others.append(other[at : at + rng.randint(10, 30)])
+        label = rng.randrange(ENDINGS)
+        endings = others[:label] + [right] + others[label:]
+        examples.append(Example(" ".join(words[start : start + context_words]), tuple(map(" ".join, endings)), label))
+    return examples

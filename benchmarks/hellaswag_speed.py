@@ -47,9 +47,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"model={args.model} arch={args.arch} on {device}, batch {args.batch_size} examples (x4 endings)")
     print(f"{scores.examples} examples in {seconds:.1f} s: {rate:.1f} examples/s")
-    print(
-        f"projected for all {VALIDATION_EXAMPLES:,}: {VALIDATION_EXAMPLES / rate:.0f} s ({VALIDATION_EXAMPLES / rate / 60:.1f} min)"
-    )
+    projected = VALIDATION_EXAMPLES / rate
+    print(f"projected for all {VALIDATION_EXAMPLES:,}: {projected:.0f} s ({projected / 60:.1f} min)")
 
 
 if __name__ == "__main__":

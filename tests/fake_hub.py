@@ -76,3 +76,52 @@ def serving(root: Path, log: Path):
 
 def requests(log: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
+
+
+@contextmanager
+def accepting_uploads(refuse: int | None = None):
+    """The Hub taking a commit (create_repo, upload_folder) from this process; yields the files
+    committed, {path: bytes}. refuse: answer every request with this status instead."""
+    import base64
+    import json
+
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
+
+    committed: dict[str, bytes] = {}
+
+    def answer(request):
+        path = request.url.path
+        if refuse:
+            return httpx2.Response(refuse, json={"error": "Invalid credentials"})
+        if path == "/api/repos/create":
+            return httpx2.Response(200, json={"url": "https://huggingface.co/someone/repo", "name": "someone/repo"})
+        if path == "/api/validate-yaml":
+            return httpx2.Response(200, json={})
+        if "/preupload/" in path:  # every file inline in the commit
+            files = json.loads(request.content)["files"]
+            return httpx2.Response(
+                200,
+                json={"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+            )
+        if "/commit/" in path:
+            for line in request.content.decode().splitlines():
+                entry = json.loads(line)
+                if entry["key"] == "file":
+                    committed[entry["value"]["path"]] = base64.b64decode(entry["value"]["content"])
+            return httpx2.Response(
+                200, json={"commitUrl": "https://huggingface.co/someone/repo/commit/1", "commitOid": "1" * 40}
+            )
+        return httpx2.Response(404)
+
+    huggingface_hub.set_client_factory(
+        lambda: httpx2.Client(transport=httpx2.MockTransport(answer), event_hooks={"request": [hf_request_event_hook]})
+    )
+    offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, False
+    try:
+        yield committed
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+        huggingface_hub.set_client_factory(default_client_factory)

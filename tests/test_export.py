@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fake_hub import serving
+from fake_hub import accepting_uploads, serving
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.evals.hellaswag import encode_example, ending_losses, read_examples, score_examples, synthetic_examples
 from fineweb_gpt.export import (
@@ -175,6 +175,20 @@ def test_init_from_refuses_model_settings_that_disagree(tmp_path, make_config):
     assert choices["model"] == f"init_from={out}"
     with pytest.raises(ConfigError, match="is not a transformers folder"):
         use_init_from(make_config(*run, f"init_from={tmp_path}"))
+
+
+def test_push_to_hub_commits_the_folder_as_written(tmp_path, monkeypatch):
+    from fineweb_gpt.errors import UserError
+
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    ckpt = save_checkpoint(random_gpt("modern"), tmp_path / "x.ckpt")
+    with accepting_uploads() as committed:
+        out, _ = export_checkpoint(ckpt, tmp_path / "exported", push_to_hub="someone/tiny-gpt")
+    assert committed == {f.name: f.read_bytes() for f in out.iterdir()}
+    assert 'from_pretrained("someone/tiny-gpt")' in committed["README.md"].decode()
+    with accepting_uploads(refuse=401), pytest.raises(UserError, match="push_to_hub=someone/tiny-gpt failed") as raised:
+        export_checkpoint(ckpt, tmp_path / "again", push_to_hub="someone/tiny-gpt")
+    assert f"{tmp_path / 'again'} is written" in str(raised.value) and (tmp_path / "again" / "config.json").is_file()
 
 
 def save_checkpoint(model: GPT, path: Path) -> Path:

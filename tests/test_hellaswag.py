@@ -231,3 +231,24 @@ def run(command: list[str], cwd: Path, env: dict):
     import subprocess
 
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_auto_scores_gpt2_sized_models_on_a_gpu_only(make_config):
+    from fineweb_gpt.evals.in_training import hellaswag_interval
+    from fineweb_gpt.plan import plan_run
+    from helpers import SMALL
+
+    assert hellaswag_interval("auto", 124e6, on_gpu=True, sharded=False) == 1000
+    assert hellaswag_interval("auto", 124e6, on_gpu=False, sharded=False) is None
+    assert hellaswag_interval("auto", 40e6, on_gpu=True, sharded=False) is None
+    assert hellaswag_interval("auto", 124e6, on_gpu=True, sharded=True) is None
+    assert hellaswag_interval(50, 7e6, on_gpu=False, sharded=False) == 50
+    with pytest.raises(ConfigError, match="eval.hellaswag_every_steps=50 does not work with trainer=fsdp"):
+        hellaswag_interval(50, 124e6, on_gpu=True, sharded=True)
+    # Through the plan, from the command line: model=124m on the CPU scores nothing unless asked.
+    assert plan_run(make_config("model=124m", "hw=cpu"), {})["hellaswag_every_steps"] is None
+    assert plan_run(make_config(*SMALL, "eval.hellaswag_every_steps=5"), {})["hellaswag_every_steps"] == 5
+    with pytest.raises(
+        ConfigError, match=r"eval.hellaswag_every_steps=0 must be a whole number at least 1, or null, or"
+    ):
+        plan_run(make_config(*SMALL, "eval.hellaswag_every_steps=0"), {})

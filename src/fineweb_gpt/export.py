@@ -116,7 +116,7 @@ def from_transformers(theirs: dict[str, torch.Tensor], config: GPTConfig, paddin
     ours = {}
     for our_name, their_name, transposed in weight_names(config):
         if our_name.endswith(".bias") and not config.bias:
-            continue  # checked to be zero by settings_from_folder
+            continue  # checked to be zero by initial_weights
         ours[our_name] = theirs[their_name].t() if transposed else theirs[their_name]
     if config.arch == "modern":
         for i in range(config.n_layer):
@@ -545,7 +545,7 @@ def apply_init_from(model: dict, init_from: str) -> dict:
                 f"init_from={init_from} has model.{key}={settings[key]!r} but {source} model.{key}={model.get(key)!r}; "
                 f"the model settings come from init_from: leave model.{key} (and model=...) out"
             )
-    return {**GPTConfig().to_dict(), **settings, "dropout": model.get("dropout", 0.0)}
+    return {**GPTConfig(arch=settings["arch"]).to_dict(), **settings, "dropout": model.get("dropout", 0.0)}
 
 
 def use_init_from(cfg) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.evals.hellaswag import Scores, load_examples, rank_share, score_examples
-from fineweb_gpt.tokenizer import gpt2_tokenizer
+from fineweb_gpt.tokenizer import END_OF_TEXT_ID, gpt2_tokenizer
 
 log = logging.getLogger("fineweb_gpt")
 SAMPLES_FILE = "samples.jsonl"
@@ -123,7 +123,8 @@ class HellaSwagCallback(L.Callback):
         if not self.samples:
             return []
         tokenizer = gpt2_tokenizer()
-        prompt = tokenizer.encode_ordinary(self.sample_prompt)[-(model.config.block_size - 1) :]
+        # An empty prompt starts a fresh document, as fineweb-gpt-sample does.
+        prompt = tokenizer.encode_ordinary(self.sample_prompt)[-(model.config.block_size - 1) :] or [END_OF_TEXT_ID]
         idx = torch.tensor([prompt] * self.samples, dtype=torch.long, device=device)
         generator = torch.Generator(device=device).manual_seed(42)
         tokens = min(self.sample_tokens, model.config.block_size - len(prompt))

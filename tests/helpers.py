@@ -140,6 +140,25 @@ class WaitForFile(L.Callback):
             time.sleep(0.1)
 
 
+class PauseAfterRunStart:
+    """A Hydra callback (+hydra.callbacks.pause._target_=helpers.PauseAfterRunStart): holds a
+    single run once Hydra's run has started and its folder exists, before any of fineweb_gpt's
+    checks, until `go` exists; touches `paused` when it starts waiting."""
+
+    def __init__(self, paused: str, go: str):
+        self.paused, self.go = paused, go
+
+    def on_run_start(self, config, **kwargs) -> None:
+        Path(self.paused).touch()
+        while not os.path.exists(self.go):
+            time.sleep(0.1)
+
+    def __getattr__(self, name):  # Hydra's other callback hooks: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
 class MidStepCollectives(L.Callback):
     """Counts, per rank, the collective calls (broadcast, all-reduce, barrier, ...) made while an
     optimizer step is part way through its gradient accumulation. Under NCCL each one makes the

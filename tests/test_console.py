@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from fineweb_gpt.checkpointing import RunStopped
 from fineweb_gpt.config_files import group_options
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.run_folder import METRICS_FILE, read_metrics
+from fineweb_gpt.run.names import METRICS_FILE
+from fineweb_gpt.run.run_files import read_metrics
+from fineweb_gpt.run.stop_signals import RunStopped
 from fineweb_gpt.train import train
 from helpers import SMALL, TESTS_DIR, cli_env, run_cli
 

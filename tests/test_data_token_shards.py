@@ -207,7 +207,8 @@ def test_a_shard_written_by_llm_c_trains_as_it_is(tmp_path):
 
 
 def final_val_loss(run_dir: Path) -> float:
-    from fineweb_gpt.run_folder import METRICS_FILE, read_metrics
+    from fineweb_gpt.run.names import METRICS_FILE
+    from fineweb_gpt.run.run_files import read_metrics
 
     return [row["val/loss"] for row in read_metrics(run_dir / METRICS_FILE) if "val/loss" in row][-1]
 

@@ -19,7 +19,8 @@ from hydra.core.global_hydra import GlobalHydra
 from fineweb_gpt.data import FineWebDataModule, bundled_sample_path
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.evaluate import evaluate
-from fineweb_gpt.run_folder import METRICS_FILE, read_metrics
+from fineweb_gpt.run.names import METRICS_FILE
+from fineweb_gpt.run.run_files import read_metrics
 from fineweb_gpt.sample import load_model
 from fineweb_gpt.tokenizer import END_OF_TEXT_ID, gpt2_tokenizer
 from helpers import CONF_DIR, SMALL, TESTS_DIR, run_cli

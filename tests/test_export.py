@@ -27,7 +27,8 @@ from fineweb_gpt.export import (
 )
 from fineweb_gpt.model import GPT, GPTConfig
 from fineweb_gpt.run.checkpoint_files import load_gpt
-from fineweb_gpt.run_folder import METRICS_FILE, read_metrics
+from fineweb_gpt.run.names import METRICS_FILE
+from fineweb_gpt.run.run_files import read_metrics
 from fineweb_gpt.tokenizer import END_OF_TEXT, encode_text
 from helpers import SMALL, TESTS_DIR, cli_env, run_cli
 from test_hellaswag import write_published

@@ -1,10 +1,10 @@
-"""The doctor's checks during training (RunHealth, which callbacks.RunMonitor drives): each
+"""The doctor's checks during training (RunHealth, which monitor.health.HealthMonitor drives): each
 problem warned about once, at the evaluation where it first appears; a healthy run warns nothing."""
 
 import logging
 
 from doctor_fixtures import CHINCHILLA_STEPS_40M, TOKENS_PER_STEP, metric_rows, power_law, run_summary
-from fineweb_gpt.doctor.health import RunHealth
+from fineweb_gpt.monitor.health import RunHealth
 
 RUN_TOKENS = CHINCHILLA_STEPS_40M * TOKENS_PER_STEP
 
@@ -22,7 +22,7 @@ def test_each_problem_is_warned_once_when_it_first_appears(caplog):
     monitor = RunHealth(summary, already_warned=set())
     caplog.set_level(logging.WARNING, logger="fineweb_gpt")
 
-    monitor.check()  # as RunMonitor does when training starts
+    monitor.check()  # as HealthMonitor does when training starts
     assert [m.split(".")[0] for m in warnings_logged(caplog)] == ["Run health: Model size does not match its name"]
 
     first_overfit_eval = None
@@ -63,7 +63,44 @@ def test_healthy_run_warns_nothing(caplog):
     summary = run_summary()
     monitor = RunHealth(summary, already_warned=set())
     caplog.set_level(logging.WARNING, logger="fineweb_gpt")
-    monitor.check()  # as RunMonitor does when training starts
+    monitor.check()  # as HealthMonitor does when training starts
     for row in metric_rows(summary):
         monitor.observe(row)
     assert warnings_logged(caplog) == []
+
+
+def test_training_imports_the_checks_but_not_the_doctors_report_tool():
+    # The health monitor runs the doctor's checks; the report, the plot, the log readers and the
+    # command line stay out of a training process.
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    script = (
+        "import sys, fineweb_gpt.train\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('fineweb_gpt.doctor'))))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True, check=True)
+    modules = set(loaded.stdout.split())
+    assert "fineweb_gpt.doctor.checks" in modules  # the checks are what the monitor runs
+    report_tool = {"cli", "report", "plot", "sources", "nanogpt_log", "llmc_log", "modded_log"}
+    assert not {m.rsplit(".", 1)[-1] for m in modules} & report_tool, modules
+
+
+def test_a_resumed_run_does_not_warn_or_log_again_what_it_already_warned_about():
+    from types import SimpleNamespace
+
+    from fineweb_gpt.monitor.health import HealthMonitor
+
+    summary = SimpleNamespace(summary=run_summary(max_steps=10), already_warned=set())  # 10 steps: undertrained
+    first = HealthMonitor(summary)
+    rows = []
+    logger = SimpleNamespace(log_metrics=lambda row, step: rows.append((step, row)))
+    trainer = SimpleNamespace(loggers=[logger], global_step=0)
+    first.on_train_start(trainer, None)
+    assert [step for step, _ in rows] == [0] and "health/token_budget" in rows[0][1]
+    resumed = HealthMonitor(summary)
+    resumed.load_state_dict(first.state_dict())  # what a checkpoint carries
+    resumed.on_train_start(trainer, None)
+    assert len(rows) == 1  # nothing new: no second health row for the same step

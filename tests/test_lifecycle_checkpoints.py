@@ -15,10 +15,10 @@ import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from fineweb_gpt.checkpointing import BesideFileCheckpointIO
 from fineweb_gpt.errors import DiskFull
-from fineweb_gpt.resume import remove_cut_off_saves
-from fineweb_gpt.run_folder import read_metrics
+from fineweb_gpt.run.checkpoint_saving import BesideFileCheckpointIO
+from fineweb_gpt.run.ownership import remove_cut_off_saves
+from fineweb_gpt.run.run_files import read_metrics
 from helpers import SMALL, cli_env, run_cli
 
 
@@ -89,7 +89,7 @@ def test_a_kill_during_a_save_leaves_its_temporary_beside_the_file_and_the_next_
     # pickles an object planted in the checkpoint, after the file is open.
     script = f"""
 import os, signal, torch
-from fineweb_gpt.checkpointing import BesideFileCheckpointIO
+from fineweb_gpt.run.checkpoint_saving import BesideFileCheckpointIO
 
 class KillWhilePickled:
     def __reduce__(self):
@@ -119,7 +119,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=True)
 
 
-@pytest.mark.parametrize("writer", ["lightning", "fineweb_gpt"])
+@pytest.mark.parametrize("writer", [pytest.param("lightning", marks=pytest.mark.library_behaviour), "fineweb_gpt"])
 def test_a_really_full_disk_with_tmpdir_elsewhere(small_tmpfs, empty_tmpdir, writer):
     # The run folder on a small disk, $TMPDIR on another: Lightning's writer moves the checkpoint
     # in from $TMPDIR, which across filesystems is a copy, and the full disk tears the file under

@@ -18,8 +18,9 @@ import torch
 from fineweb_gpt.data import bundled_sample_path
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.optimization import learning_rate
-from fineweb_gpt.resume import claim_run_folder, lock_run_folder
-from fineweb_gpt.run_folder import read_metrics
+from fineweb_gpt.run.folder_lock import FolderLock
+from fineweb_gpt.run.ownership import claim_run_folder
+from fineweb_gpt.run.run_files import read_metrics
 from helpers import SMALL, cli_env, run_cli
 
 TESTS = Path(__file__).parent
@@ -33,7 +34,7 @@ def hold_the_lock(run_dir: Path, by_hand: bool = False) -> subprocess.Popen:
     take = (
         f"import fcntl, os\nfcntl.lockf(os.open({lock!r}, os.O_RDWR | os.O_CREAT), fcntl.LOCK_EX)\n"
         if by_hand
-        else f"import pathlib, fineweb_gpt.resume\nfineweb_gpt.resume.lock_run_folder(pathlib.Path({str(run_dir)!r}))\n"
+        else f"from fineweb_gpt.run.folder_lock import FolderLock\nFolderLock({str(run_dir)!r}).acquire()\n"
     )
     script = take + "print('held', flush=True)\nimport time\ntime.sleep(600)\n"
     holder = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE, text=True)
@@ -47,14 +48,14 @@ def test_a_held_folder_is_refused_naming_the_holder_and_a_stale_lock_can_be_dele
     holder = hold_the_lock(run_dir)
     try:
         with pytest.raises(ConfigError) as refused:
-            lock_run_folder(run_dir)
+            FolderLock(run_dir).acquire()
         message = str(refused.value)
         assert message.startswith(f"run folder {run_dir} is in use by process {holder.pid} on {os.uname().nodename}")
         assert f" (since {time.strftime('%Y-%m-%d')}" in message and ": -c)" in message  # when, and its command line
         assert message.endswith(f"delete {run_dir}/.lock and run again")
         # The way past a lock whose holder cannot be reached (a crashed node on a network filesystem).
         (run_dir / ".lock").unlink()
-        os.close(lock_run_folder(run_dir))
+        FolderLock(run_dir).acquire().release()
     finally:
         holder.kill()
         holder.wait()
@@ -65,10 +66,10 @@ def test_the_lock_of_a_killed_run_goes_with_it(tmp_path):
     run_dir.mkdir()
     holder = hold_the_lock(run_dir, by_hand=True)
     with pytest.raises(ConfigError, match="is in use by another process"):
-        lock_run_folder(run_dir)
+        FolderLock(run_dir).acquire()
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    os.close(lock_run_folder(run_dir))  # no stale lock after kill -9: the system drops it
+    FolderLock(run_dir).acquire().release()  # no stale lock after kill -9: the system drops it
 
 
 @pytest.mark.slow
@@ -110,6 +111,74 @@ def test_two_runs_of_the_same_command_the_second_is_refused_naming_the_first(tmp
         "step000003.ckpt",
         "step000004.ckpt",
     ]
+
+
+def test_a_refused_run_never_removes_a_folder_another_run_trained_in(tmp_path):
+    # Two commands on one folder (the same hydra.run.dir, or two started in the same second):
+    # the second made the folder, was held up, and by the time it was refused the first had
+    # trained in it. Before, the refusal removed the folder "it made", checkpoints and all.
+    run_dir = tmp_path / "run"
+    paused, go = tmp_path / "paused", tmp_path / "go"
+    hold = [
+        "+hydra.callbacks.pause._target_=helpers.PauseAfterRunStart",
+        f"+hydra.callbacks.pause.paused={paused}",
+        f"+hydra.callbacks.pause.go={go}",
+    ]
+    second = subprocess.Popen(
+        [sys.executable, "-m", "fineweb_gpt.train", *RUN, f"hydra.run.dir={run_dir}", *hold],
+        cwd=TESTS,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while not paused.exists():
+            assert second.poll() is None, second.stderr.read()
+            time.sleep(0.1)
+        first = run_cli(*RUN, f"hydra.run.dir={run_dir}", cwd=TESTS)
+        assert first.returncode == 0, first.stderr[-2000:]
+        go.touch()
+        assert second.wait(timeout=300) == 2
+        assert "already holds checkpoints" in second.stderr.read().strip().splitlines()[-1]
+    finally:
+        second.kill()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "step000001.ckpt",
+        "step000002.ckpt",
+    ]
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "completed"
+
+
+def test_a_refusal_removes_a_folder_only_while_holding_its_lock_and_if_no_other_run_held_it(tmp_path, monkeypatch):
+    from fineweb_gpt.run import ownership
+
+    def made_here(name: str) -> Path:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        monkeypatch.setitem(ownership.made_by_this_command, str(run_dir), [run_dir])
+        return run_dir
+
+    fresh = made_here("fresh")
+    assert ownership.discard_untrained_run(str(fresh)) and not fresh.exists()
+
+    held = made_here("held")
+    holder = hold_the_lock(held)
+    try:
+        assert not ownership.discard_untrained_run(str(held))  # another run holds it: it is that run's
+    finally:
+        holder.kill()
+        holder.wait()
+    assert held.is_dir()
+    assert not ownership.discard_untrained_run(str(held))  # and held it once: still that run's
+    assert held.is_dir() and f'"pid": {holder.pid}' in (held / ".lock").read_text()
+
+    mine = made_here("mine")
+    lock = FolderLock(mine).acquire()
+    lock.release()
+    lock = FolderLock(mine).acquire()  # taken twice by this process (the claim, then the refusal)
+    assert ownership.discard_untrained_run(str(mine), lock) and not mine.exists()
 
 
 # --- resuming with other settings -----------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from fineweb_gpt.stop_signals import ignore_stop_signals
+from fineweb_gpt.run.stop_signals import ignore_stop_signals
 
 
 class WorkerPids(IterableDataset):
@@ -37,6 +37,7 @@ def test_dataloader_workers_given_ignore_stop_signals_survive_the_stop_signals(s
     del iterator
 
 
+@pytest.mark.library_behaviour  # ours: the tests above and below
 def test_without_it_a_stop_signal_kills_a_worker_and_the_loader_fails():
     # What SLURM's signal to the whole job step did to a run before (issue 19, item 2).
     iterator = iter(DataLoader(WorkerPids(), batch_size=None, num_workers=2))
@@ -46,6 +47,22 @@ def test_without_it_a_stop_signal_kills_a_worker_and_the_loader_fails():
     time.sleep(0.5)
     with pytest.raises(RuntimeError, match="DataLoader worker .* exited unexpectedly|killed by signal"):
         next_items(iterator, 8)
+
+
+def test_the_projects_loaders_workers_survive_the_stop_signals():
+    # Every DataLoader of a run is made by data.loader.make_loader: its workers ignore the stop
+    # signals whatever the data source.
+    from fineweb_gpt.data.loader import make_loader
+
+    iterator = iter(make_loader(WorkerPids(), num_workers=2))
+    workers = next_items(iterator, 8)
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert next_items(iterator, 8) == workers
+    del iterator
 
 
 def test_it_keeps_lightnings_worker_seeding(monkeypatch):

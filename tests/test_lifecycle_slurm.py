@@ -13,8 +13,8 @@ import pytest
 import submitit
 from submitit.core.utils import DelayedSubmission, JobPaths
 
-from fineweb_gpt.checkpointing import hand_on
-from fineweb_gpt.run_folder import read_json, read_metrics
+from fineweb_gpt.run.run_files import read_json, read_metrics
+from fineweb_gpt.run.stop_signals import pass_signal_on
 from helpers import SMALL, run_cli
 
 TESTS = Path(__file__).parent
@@ -44,7 +44,7 @@ class Resubmittable:
 
 def test_after_the_save_submitits_own_handler_requeues_the_job_once(tmp_path, monkeypatch):
     # Inside a submitit job, submitit's handlers are in place before the run starts; Lightning puts
-    # them back after fit, and hand_on gives them the signal that stopped the run.
+    # them back after fit, and pass_signal_on gives them the signal that stopped the run.
     for key, value in {**fake_slurm_on_path(tmp_path), "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("SLURM_PROCID", "0")
@@ -58,10 +58,10 @@ def test_after_the_save_submitits_own_handler_requeues_the_job_once(tmp_path, mo
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGUSR2, signal.SIGTERM, signal.SIGCONT)}
     try:
         environment._handle_signals(paths, delayed)
-        hand_on(signal.SIGTERM)  # submitit lets SIGTERM pass (the job goes on to its end)
+        pass_signal_on(signal.SIGTERM)  # submitit lets SIGTERM pass (the job goes on to its end)
         assert not (tmp_path / "slurm" / "scontrol_calls").exists()
         with pytest.raises(SystemExit):  # submitit exits once it has requeued
-            hand_on(signal.SIGUSR2)
+            pass_signal_on(signal.SIGUSR2)
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)

@@ -16,7 +16,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from fineweb_gpt.loggers import AppendingCSVLogger, WandbLogger, build_loggers
-from fineweb_gpt.run_folder import METRICS_FILE, read_metrics
+from fineweb_gpt.run.names import METRICS_FILE
+from fineweb_gpt.run.run_files import read_metrics
 from fineweb_gpt.train import train
 from helpers import SMALL, cli_env
 
@@ -56,6 +57,7 @@ def write_then_fail(tmp_path: Path, writer: str, failure: str) -> subprocess.Com
     )
 
 
+@pytest.mark.library_behaviour  # ours: test_a_new_column_never_empties_the_metrics_file
 def test_lightnings_csv_writer_empties_the_file_when_a_column_appears_and_the_disk_is_full(tmp_path):
     # Why the project has its own writer: Lightning's rewrites metrics.csv in place. (Should this
     # fail one day, Lightning writes safely and AppendingCSVLogger's rewrite may go.)

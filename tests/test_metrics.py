@@ -8,7 +8,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fineweb_gpt.callbacks import RunMonitor
 from fineweb_gpt.flops import (
     chinchilla_tokens,
     flops_per_token,
@@ -18,6 +17,7 @@ from fineweb_gpt.flops import (
     size_mismatch,
 )
 from fineweb_gpt.model import GPT, GPTConfig
+from fineweb_gpt.monitor.step_metrics import StepMetrics
 from fineweb_gpt.train import train
 from helpers import CONF_DIR, SMALL, recorded_batches, run_cli
 
@@ -143,7 +143,7 @@ def test_progress_bar_values_are_handed_to_lightning_on_the_host():
         def log(self, key, value, **kwargs):
             logged[key] = value
 
-    RunMonitor.show_in_progress_bar(
+    StepMetrics.show_in_progress_bar(
         Module(), {"train/loss": 3.25, "perf/tokens_per_sec": 5e5, "perf/mfu": 0.4, "train/lr": 1e-3}
     )
     assert set(logged) == {"loss", "tok/s", "mfu"}

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.run_folder import final_checkpoint, quoted, read_metrics, write_inside
+from fineweb_gpt.run.run_files import final_checkpoint, quoted, read_metrics
+from fineweb_gpt.safe_files import check_target, write_atomically
 
 
 def write_csv(path, header, rows):
@@ -51,20 +52,20 @@ def test_nan_losses_are_kept_and_a_step_that_is_no_number_is_dropped(tmp_path):
     assert rows[1] == {"train/loss": 5.0} and rows[3] == {"step": 3, "train/loss": 4.0}
 
 
-def test_reports_are_written_whole_and_never_through_a_link(tmp_path):
+def test_files_are_written_whole_and_never_through_a_link(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    write_inside(folder, "REPORT.md", "first\n")
-    write_inside(folder, "REPORT.md", "second\n")
+    write_atomically(folder / "REPORT.md", "first\n")
+    write_atomically(folder / "REPORT.md", "second\n")
     assert (folder / "REPORT.md").read_text() == "second\n" and sorted(os.listdir(folder)) == ["REPORT.md"]
     outside = tmp_path / "bashrc"
     outside.write_text("mine\n")
     (folder / "REPORT.png").symlink_to(outside)
     with pytest.raises(ConfigError, match="is a link"):
-        write_inside(folder, "REPORT.png", b"png")
+        write_atomically(folder / "REPORT.png", b"png")
     for name in ("../escape.md", "sub/REPORT.md", ".."):
         with pytest.raises(ConfigError, match="is not a file name"):
-            write_inside(folder, name, "x")
+            check_target(folder, name)
     assert outside.read_text() == "mine\n" and not (tmp_path / "escape.md").exists()
 
 

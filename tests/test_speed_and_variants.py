@@ -147,7 +147,8 @@ def test_muon_and_adamw_state_resumes_from_a_checkpoint():
 def test_compile_gives_the_same_losses_on_the_cpu(make_config, tmp_path):
     """... and HellaSwag and the samples work compiled (build-nanogpt turned compile off for them)."""
     from fineweb_gpt.evals.hellaswag import synthetic_examples
-    from fineweb_gpt.run_folder import METRICS_FILE, read_metrics
+    from fineweb_gpt.run.names import METRICS_FILE
+    from fineweb_gpt.run.run_files import read_metrics
     from test_hellaswag import write_published
 
     hellaswag = write_published(tmp_path / "hellaswag_val.jsonl", synthetic_examples(8))
@@ -170,6 +171,25 @@ def test_compile_gives_the_same_losses_on_the_cpu(make_config, tmp_path):
     assert [step for step, _ in scored[True]] == [step for step, _ in scored[False]] == [2, 4]
     for (_, compiled), (_, eager) in zip(scored[True], scored[False]):
         assert compiled == pytest.approx(eager, abs=1 / 8)  # the same weights, to a near tie at most
+
+
+def test_where_compiling_cannot_work_the_run_says_so_once_and_trains_uncompiled(make_config, monkeypatch, caplog):
+    import torch.utils._triton
+
+    from fineweb_gpt import plan
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)  # a GPU without Triton (Windows, say)
+    with caplog.at_level("WARNING", logger="fineweb_gpt"):
+        assert not plan.compiling_works("gpu")
+    assert "Triton is not installed" in caplog.text and caplog.text.count("training uncompiled") == 1
+    caplog.clear()
+    monkeypatch.setattr(plan.shutil, "which", lambda name: None)  # a CPU machine without a C++ compiler
+    cfg = make_config(*SMALL, "trainer.max_steps=1", "val_every_steps=1", "hw.compile=true")
+    with caplog.at_level("WARNING", logger="fineweb_gpt"):
+        assert math.isfinite(train(cfg))
+    assert "there is no C++ compiler" in caplog.text and caplog.text.count("training uncompiled") == 1
+    summary = (Path(cfg.run_dir) / "run_summary.json").read_text()
+    assert '"compile": false' in summary
 
 
 @pytest.mark.slow

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,6 +31,7 @@ from fineweb_gpt.errors import ConfigError, OutOfMemory, UserError, exit_with
 from fineweb_gpt.evals.hellaswag import HUB_REPO, load_examples, score_examples
 from fineweb_gpt.model import GPT
 from fineweb_gpt.run.checkpoint_files import load_gpt
+from fineweb_gpt.safe_files import write_atomically
 
 SPLITS = {"val": "held-out documents", "all": "every document"}
 TASKS = ("loss", "hellaswag")
@@ -155,7 +155,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
         "device": device,
         "data": OmegaConf.to_container(cfg.data, resolve=True),
     }
-    write_json(out, result)
+    write_atomically(out, json.dumps(result, indent=2) + "\n")
     return result, out
 
 
@@ -177,20 +177,8 @@ def evaluate_hellaswag(cfg: DictConfig, model: GPT, examples: list, step, device
         "seconds": time.perf_counter() - started,
         "device": device,
     }
-    write_json(out, result)
+    write_atomically(out, json.dumps(result, indent=2) + "\n")
     return result, out
-
-
-def write_json(path: Path, result: dict) -> None:
-    """Written whole or not at all: a temporary file beside it, then renamed over it."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
-        try:
-            json.dump(result, file, indent=2)
-            file.write("\n")
-        except BaseException:
-            os.unlink(file.name)
-            raise
-    os.replace(file.name, path)
 
 
 def summary(result: dict, out: Path) -> str:

@@ -267,7 +267,8 @@ def run_facts(ckpt: Path, checkpoint: dict) -> dict:
     from omegaconf import OmegaConf
 
     from fineweb_gpt.evaluate import describe_source
-    from fineweb_gpt.run_folder import METRICS_FILE, read_metrics, read_overrides
+    from fineweb_gpt.run.names import METRICS_FILE
+    from fineweb_gpt.run.run_files import read_metrics, read_overrides
 
     monitor = next((s for s in (checkpoint.get("callbacks") or {}).values() if "tokens_seen" in s), {})
     data = (checkpoint.get("run_config") or {}).get("data")

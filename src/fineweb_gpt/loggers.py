@@ -4,16 +4,17 @@
 import csv
 import logging
 import os
-import tempfile
 from pathlib import Path
 
+import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from fineweb_gpt.run_folder import METRICS_FILE, check_target
+from fineweb_gpt.run.names import METRICS_FILE
+from fineweb_gpt.safe_files import AtomicFile, check_target
 
 log = logging.getLogger("fineweb_gpt")
 TOKENS_SEEN = "data/tokens_seen"  # the x-axis W&B plots every metric against
@@ -102,23 +103,13 @@ class AppendingCSVLogger(Logger):
 
     def rewrite(self, columns: list[str], keep_up_to: float = float("inf")) -> None:
         """Replace the file with its rows up to step `keep_up_to` under `columns`, then the
-        pending rows: written beside it, flushed to disk, renamed over it. A kill or a full disk
-        at any moment leaves the old file or the new one, whole."""
-        descriptor, temporary = tempfile.mkstemp(dir=self.log_dir, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "w", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(row for row in read_rows(self.path) if row_step(row) <= keep_up_to)
-                writer.writerows(self.pending)
-                file.flush()
-                os.fsync(file.fileno())
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, self.path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
+        pending rows, through safe_files: a kill or a full disk at any moment leaves the old file
+        or the new one, whole."""
+        with AtomicFile(self.path, "w") as file:
+            writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(row for row in read_rows(self.path) if row_step(row) <= keep_up_to)
+            writer.writerows(self.pending)
         self.columns = columns
 
 
@@ -174,6 +165,15 @@ class WandbLogger(LightningWandbLogger):
             self.experiment.define_metric(key, step_metric=TOKENS_SEEN)
         self.on_tokens_axis.update(new)
         super().log_metrics(metrics, step)
+
+
+class RememberWandbRun(L.Callback):
+    """Puts the W&B run's id in every checkpoint, so that a resumed run continues the same W&B run."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, LightningWandbLogger):
+                checkpoint["wandb_run_id"] = logger.version
 
 
 def wandb_settings(node: DictConfig, offline: bool, run_dir: str, resume_run_id: str | None, sweep) -> dict:

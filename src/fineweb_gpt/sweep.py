@@ -5,7 +5,7 @@ the same table later from the folder alone. Each row comes from that run's own f
 through run_folder: .hydra/overrides.yaml (the combination), run_summary.json (the real
 parameter count), csv/metrics.csv (tokens seen, val losses, MFU), result.json (finished or
 failed, and why) and checkpoints/last.ckpt (where its final checkpoint is). Run folders are
-not trusted: what they say is quoted, and the table is written with run_folder.write_inside.
+not trusted: what they say is quoted, and the table is written through safe_files.
 """
 
 import argparse
@@ -22,19 +22,9 @@ from omegaconf import DictConfig
 
 from fineweb_gpt.errors import ConfigError, UserError, exit_with
 from fineweb_gpt.flops import human_count
-from fineweb_gpt.run_folder import (
-    METRICS_FILE,
-    RESULT_FILE,
-    SUMMARY_FILE,
-    check_target,
-    final_checkpoint,
-    one_line_text,
-    quoted,
-    read_json,
-    read_metrics,
-    read_overrides,
-    write_inside,
-)
+from fineweb_gpt.run.names import METRICS_FILE, RESULT_FILE, SUMMARY_FILE
+from fineweb_gpt.run.run_files import final_checkpoint, one_line_text, quoted, read_json, read_metrics, read_overrides
+from fineweb_gpt.safe_files import check_target, write_atomically
 
 log = logging.getLogger("fineweb_gpt")
 COLUMNS = [
@@ -143,8 +133,8 @@ def write_table(sweep_dir: Path) -> list[dict]:
     markdown = as_markdown(rows)
     for name in ("sweep_results.md", "sweep_results.csv"):  # refuse before writing either
         check_target(Path(sweep_dir), name)
-    write_inside(Path(sweep_dir), "sweep_results.md", markdown)
-    write_inside(Path(sweep_dir), "sweep_results.csv", as_csv(rows))
+    write_atomically(Path(sweep_dir) / "sweep_results.md", markdown)
+    write_atomically(Path(sweep_dir) / "sweep_results.csv", as_csv(rows))
     print(f"\nSweep {sweep_dir}: {len(rows)} runs, best first\n\n{markdown}", flush=True)
     failed = [row for row in rows if row["status"] != "completed"]
     for row in failed:

@@ -84,6 +84,12 @@ class TrainShards:
             self.written.append(self.writer.close())
             self.writer = None
 
+    def discard(self) -> None:
+        """The shard being written is removed; those finished stay."""
+        if self.writer is not None:
+            self.writer.discard()
+            self.writer = None
+
 
 def tokenize_files(infos, out: Path, text_column: str, val_fraction: float, shard_tokens: int, workers: int):
     """Write the shards; returns (training shards, validation shard, training tokens, held-out tokens)."""
@@ -91,13 +97,18 @@ def tokenize_files(infos, out: Path, text_column: str, val_fraction: float, shar
     train = TrainShards(out, shard_tokens)
     val = ShardWriter(out / "val_000000.bin")
     train_tokens = 0
-    with tqdm(total=sum(info.num_rows for info in infos), unit=" docs", desc="tokenizing") as bar:
-        for train_part, val_part, rows in in_order(tasks, workers):
-            train.write(train_part)
-            val.write(val_part)
-            train_tokens += len(train_part)
-            bar.update(rows)
-    train.close()
+    try:
+        with tqdm(total=sum(info.num_rows for info in infos), unit=" docs", desc="tokenizing") as bar:
+            for train_part, val_part, rows in in_order(tasks, workers):
+                train.write(train_part)
+                val.write(val_part)
+                train_tokens += len(train_part)
+                bar.update(rows)
+        train.close()
+    except BaseException:  # no half-written shard is left under its name or beside it
+        train.discard()
+        val.discard()
+        raise
     held_out = val.count
     return train.written, val.close(), train_tokens, held_out
 

@@ -12,26 +12,37 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from fineweb_gpt.callbacks import RunMonitor
-from fineweb_gpt.checkpointing import RunStopped, hand_on
 from fineweb_gpt.config_files import build, config_dir, in_multirun, sweep_names
 from fineweb_gpt.console import StepProgressBar, route_warnings_to_log
 from fineweb_gpt.errors import ConfigError, UserError, exit_with, one_line
 from fineweb_gpt.evals.in_training import hellaswag_callbacks
 from fineweb_gpt.export import initial_weights, use_init_from
-from fineweb_gpt.latest_run import LatestRun, discard_untrained_run, refuse_run, started_training
 from fineweb_gpt.lit_module import GPTLightningModule
-from fineweb_gpt.loggers import build_loggers, finish_wandb_run
+from fineweb_gpt.loggers import RememberWandbRun, build_loggers, finish_wandb_run
 from fineweb_gpt.model import GPTConfig
+from fineweb_gpt.monitor.health import HealthMonitor
+from fineweb_gpt.monitor.run_summary import RunSummary
+from fineweb_gpt.monitor.step_metrics import StepMetrics
 from fineweb_gpt.plan import out_of_memory_error, plan_run, trainer_arguments
-from fineweb_gpt.resume import RunFolder, claim_run_folder, resume_checkpoint
 from fineweb_gpt.run.checkpoint_files import read_checkpoint
-from fineweb_gpt.run_folder import write_result
+from fineweb_gpt.run.evaluation_schedule import EvaluateLastStep
+from fineweb_gpt.run.latest_link import LatestRun
+from fineweb_gpt.run.ownership import (
+    ClaimedFolder,
+    TrainingStarted,
+    claim_run_folder,
+    discard_untrained_run,
+    has_started_training,
+    refuse_run,
+)
+from fineweb_gpt.run.resume_policy import ResumeSettings, choose_checkpoint
+from fineweb_gpt.run.run_files import write_result
+from fineweb_gpt.run.stop_signals import RunStopped, StopOnSignal, pass_signal_on
 
 log = logging.getLogger("fineweb_gpt")
 
 
-def train(cfg: DictConfig, folder: RunFolder | None = None, plan: dict | None = None) -> float | None:
+def train(cfg: DictConfig, folder: ClaimedFolder | None = None, plan: dict | None = None) -> float | None:
     """Run one training job; returns the final validation loss (for sweepers). Raises RunStopped
     when a signal stopped it part way. main() passes the run folder as claim_run_folder settled it
     and the plan it checked; a direct call (tests) works them out here."""
@@ -40,25 +51,38 @@ def train(cfg: DictConfig, folder: RunFolder | None = None, plan: dict | None = 
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left on Ampere and newer
 
-    ckpt_path = folder.resume_from if folder else resume_checkpoint(cfg.ckpt_path, cfg.resume, cfg.run_dir)
+    ckpt_path = folder.resume_from if folder else choose_checkpoint(cfg.ckpt_path, cfg.resume, cfg.run_dir)
     module = GPTLightningModule(
         model_config=GPTConfig(**cfg.model).to_dict(),
         optim={**OmegaConf.to_container(cfg.optim), "warmup_steps": plan["warmup_steps"]},  # fitted to the run
         loss_guard=OmegaConf.to_container(cfg.loss_guard),
-        compile_model=cfg.hw.compile,
+        compile_model=plan["compile"],  # hw.compile, unless this machine cannot compile
         compile_tuning=cfg.hw.get("compile_tuning", False),
     )
     if cfg.get("init_from") and ckpt_path is None:  # a resumed run has its own weights
         module.model.load_state_dict(initial_weights(cfg.init_from, module.model.config))
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    monitor = RunMonitor(plan, run_dir=cfg.run_dir, log_every_n_steps=cfg.trainer.log_every_n_steps or 1, config=config)
+    summary = RunSummary(plan, run_dir=cfg.run_dir, config=config)
+    health = HealthMonitor(summary)
+    metrics = StepMetrics(plan, log_every_n_steps=cfg.trainer.log_every_n_steps or 1, observers=[health])
+    stopper = StopOnSignal()
     configured = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    record = [folder] if folder else []  # the run's config in every checkpoint, for the next resume's check
-    # HellaSwag after the monitor, which has then timed the step: its time stays out of the step's.
-    hellaswag = hellaswag_callbacks(cfg.get("eval"), plan["hellaswag_every_steps"], cfg.run_dir, monitor)
-    callbacks = [monitor, *hellaswag, StepProgressBar(), LatestRun(cfg.run_dir, cfg.get("latest_link")), *record]
-    callbacks += configured
+    callbacks = [
+        summary,
+        health,
+        metrics,
+        # After StepMetrics, which has then timed the step: HellaSwag's time stays out of the step's.
+        *hellaswag_callbacks(cfg.get("eval"), plan["hellaswag_every_steps"], cfg.run_dir, metrics),
+        EvaluateLastStep(),
+        ResumeSettings(config),
+        TrainingStarted(cfg.run_dir),
+        LatestRun(cfg.run_dir, cfg.get("latest_link")),
+        RememberWandbRun(),
+        StepProgressBar(),
+        *configured,
+        stopper,  # the last to look for a signal at a step's end; Lightning runs the checkpointer after it
+    ]
     resumed_from = read_checkpoint(ckpt_path) if ckpt_path else None
     loggers = build_loggers(cfg.get("logger"), cfg.run_dir, resumed_from, sweep_names())
     trainer: L.Trainer = build(
@@ -75,16 +99,15 @@ def train(cfg: DictConfig, folder: RunFolder | None = None, plan: dict | None = 
     datamodule = build(cfg.data, micro_batch_size=plan["micro_batch_size"])
 
     try:
-        # One fit, evaluating at step 0, every val_every_steps and at the last step (see RunMonitor).
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except torch.cuda.OutOfMemoryError as err:
         raise out_of_memory_error(plan, cfg.data.block_size) from err
     finally:
         finish_wandb_run(trainer)
-    stopped = trainer.checkpoint_callback.stop_message(trainer) if trainer.checkpoint_callback else None
+    stopped = stopper.stop_message(trainer)
     if stopped:
-        raise RunStopped(stopped, trainer.checkpoint_callback.signal_received)
-    return monitor.report(trainer)
+        raise RunStopped(stopped, stopper.signal_received)
+    return summary.report(trainer, metrics.tokens_seen)
 
 
 def main(cfg: DictConfig) -> float | None:
@@ -94,11 +117,11 @@ def main(cfg: DictConfig) -> float | None:
     route_warnings_to_log()
     try:
         plan = plan_run(cfg, use_init_from(cfg))  # refuses what cannot work; writes nothing
-    except ConfigError as err:
+    except UserError as err:
         return refuse_run(cfg, err, own_folder=True)
     try:
         folder = claim_run_folder(cfg)  # the lock, the checkpoint to resume from, what it may change
-    except ConfigError as err:  # the folder may hold another run's work: nothing is written in it
+    except UserError as err:  # the folder may hold another run's work: nothing is written in it
         return refuse_run(cfg, err, own_folder=False)
     try:
         final_val_loss = train(cfg, folder, plan)
@@ -109,19 +132,19 @@ def main(cfg: DictConfig) -> float | None:
         # resume; in a sweep its value is NaN, as a failed run's is.
         log.info("%s", stop)
         write_result(cfg.run_dir, "stopped", error=str(stop))
-        hand_on(stop.signum)  # under SLURM: the requeue, through submitit's handler or scontrol
+        pass_signal_on(stop.signum)  # under SLURM: the requeue, through submitit's handler or scontrol
         if not in_multirun():
             return None
-    except UserError as err:  # a full disk, out of memory, a diverged loss: one line, exit 2
-        if in_multirun() or started_training(cfg.run_dir):
+    except UserError as err:  # a config the built run refuses, a full disk, out of memory, a diverged loss
+        if in_multirun() or has_started_training(cfg.run_dir):
             write_result(cfg.run_dir, "failed", error=one_line(err))
         if not in_multirun():
-            discard_untrained_run(cfg.run_dir)
+            discard_untrained_run(cfg.run_dir, folder.lock)
             exit_with(err)
         log.error("This run failed: %s", one_line(err))
     except Exception as err:
         if not in_multirun():
-            discard_untrained_run(cfg.run_dir)
+            discard_untrained_run(cfg.run_dir, folder.lock)
             raise
         write_result(cfg.run_dir, "failed", error=f"{type(err).__name__}: {one_line(err)}")
         log.exception("This run failed; the sweep goes on")

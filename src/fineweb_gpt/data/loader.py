@@ -7,7 +7,7 @@ through worker_init_fn, for every data source.
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fineweb_gpt.stop_signals import ignore_stop_signals
+from fineweb_gpt.run.stop_signals import ignore_stop_signals
 
 
 def make_loader(dataset: Dataset, *, num_workers: int = 0, batch_size: int | None = None):

@@ -29,6 +29,7 @@ from fineweb_gpt.data.ranks_and_workers import UNIT_TOKENS, TrainStream, plan_un
 from fineweb_gpt.data.settings import DataSettings
 from fineweb_gpt.data.tokens import shuffled_order
 from fineweb_gpt.errors import ConfigError
+from fineweb_gpt.safe_files import AtomicFile
 
 MAGIC = 20240520
 VERSION = 1  # GPT-2 tokens as uint16 (llm.c's version 7 holds LLaMA-3 tokens as uint32)
@@ -74,13 +75,14 @@ def shard_header(count: int) -> bytes:
 class ShardWriter:
     """Writes one shard: tokens appended as they come, the header's count filled in at the end.
 
-    The file appears under its name only when complete (written beside it, then renamed).
+    The file appears under its name only when complete (safe_files.AtomicFile: written beside
+    it, flushed, then renamed).
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
-        self.file = open(self.partial, "wb")
+        self.atomic = AtomicFile(self.path)
+        self.file = self.atomic.file
         self.file.write(shard_header(0))
         self.count = 0
 
@@ -91,9 +93,10 @@ class ShardWriter:
     def close(self) -> Path:
         self.file.seek(0)
         self.file.write(shard_header(self.count))
-        self.file.close()
-        os.replace(self.partial, self.path)
-        return self.path
+        return self.atomic.commit()
+
+    def discard(self) -> None:
+        self.atomic.discard()
 
 
 def memmap_tokens(path: Path, count: int) -> np.ndarray:

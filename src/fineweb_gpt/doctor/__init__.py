@@ -1,5 +1,6 @@
 """The run doctor: reads a run folder or a trainer's log and says, from its measurements, what
-went right and wrong and what to change. Training runs the same checks (health.RunHealth).
+went right and wrong and what to change. Training runs the same checks (monitor.health), importing
+checks.py and the modules it uses, never the report tool: sources, the log readers, report, plot, cli.
 
     record.py        the run record the checks read (summary + metric rows) and Finding
     sources.py       what a path holds: run folder, metrics CSV, or a log told from its content
@@ -13,7 +14,6 @@ went right and wrong and what to change. Training runs the same checks (health.R
     forecast.py      the power-law fit and what continuing buys
     memory.py        the memory model (measured and modelled, compiled and not) and batch planner
     checks.py        every check in report order, and diagnose()
-    health.py        RunHealth: the checks during training, each problem warned about once
     report.py        the markdown report
     plot.py          the loss plot, with the reference curve dashed
     cli.py           the command line (fineweb-gpt-doctor, python -m fineweb_gpt.doctor)

@@ -10,7 +10,7 @@ import numpy as np
 
 from fineweb_gpt.doctor.record import Finding, RunRecord
 from fineweb_gpt.flops import CHINCHILLA_TOKENS_PER_PARAM, human_count, human_ratio, param_count, size_in_name
-from fineweb_gpt.run_folder import quoted
+from fineweb_gpt.run.run_files import quoted
 from fineweb_gpt.tokenizer import PADDED_VOCAB_SIZE
 
 SIZE_TOLERANCE = 0.20  # stated vs real parameter count

@@ -24,7 +24,7 @@ from fineweb_gpt.doctor.report import render_markdown
 from fineweb_gpt.doctor.sources import FORMATS, read_run
 from fineweb_gpt.errors import ConfigError, UserError, exit_with
 from fineweb_gpt.flops import gpu_table, size_in_name
-from fineweb_gpt.run_folder import check_target, write_inside
+from fineweb_gpt.safe_files import check_target, write_atomically
 
 REPORT_NAME = "REPORT.md"
 
@@ -140,8 +140,8 @@ def run_doctor(args: argparse.Namespace) -> None:
     markdown = render_markdown(title, run, findings, plot_name)
     for name in (report.name, plot_name):  # refuse before writing either
         check_target(folder, name)
-    write_inside(folder, plot_name, plot_losses(run, args.log_x))
-    write_inside(folder, report.name, markdown + "\n")
+    write_atomically(folder / plot_name, plot_losses(run, args.log_x))
+    write_atomically(folder / report.name, markdown + "\n")
     print(markdown)
     print(f"Report: {report}{where}\nPlot: {folder / plot_name}")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from fineweb_gpt.flops import human_count, param_count
-from fineweb_gpt.run_folder import one_line_text
+from fineweb_gpt.run.run_files import one_line_text
 from fineweb_gpt.tokenizer import PADDED_VOCAB_SIZE
 
 SOURCE_NAMES = {

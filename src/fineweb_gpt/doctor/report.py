@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 from fineweb_gpt.doctor.record import SOURCE_NAMES, Finding, RunRecord
 from fineweb_gpt.flops import human_count
-from fineweb_gpt.run_folder import quoted
+from fineweb_gpt.run.run_files import quoted
 
 
 def describe_run(run: RunRecord) -> list[str]:

@@ -11,7 +11,8 @@ from fineweb_gpt.doctor.modded_log import STEP_LINE, parse_modded_log
 from fineweb_gpt.doctor.nanogpt_log import EVAL_LINE, ITER_LINE, parse_nanogpt_log
 from fineweb_gpt.doctor.record import RunRecord, sanitized
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.run_folder import METRICS_FILE, read_metrics, read_summary
+from fineweb_gpt.run.names import METRICS_FILE
+from fineweb_gpt.run.run_files import read_metrics, read_summary
 
 FORMATS = ("run", "csv", "nanogpt", "llmc", "modded", "buildnanogpt")
 LOG_PARSERS = {

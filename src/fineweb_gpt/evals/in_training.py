@@ -150,7 +150,7 @@ class HellaSwagCallback(L.Callback):
                 )
 
 
-def hellaswag_callbacks(settings, every_steps: int | None, run_dir: str, monitor) -> list[HellaSwagCallback]:
+def hellaswag_callbacks(settings, every_steps: int | None, run_dir: str, metrics) -> list[HellaSwagCallback]:
     """The HellaSwag callback for the config's eval group, if the plan scores it; its examples are
     read (or downloaded) now, so that a missing file is refused before training starts."""
     if not every_steps:
@@ -160,7 +160,7 @@ def hellaswag_callbacks(settings, every_steps: int | None, run_dir: str, monitor
         path=settings.hellaswag_path,
         examples=settings.hellaswag_examples,
         batch_size=settings.hellaswag_batch_size,
-        tokens_seen=lambda: monitor.tokens_seen,
+        tokens_seen=lambda: metrics.tokens_seen,
         run_dir=run_dir,
         samples=settings.samples,
         sample_prompt=settings.sample_prompt,

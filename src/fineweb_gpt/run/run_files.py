@@ -1,9 +1,9 @@
-"""Reading what a run leaves in its folder, and writing into it safely.
+"""Reading what a run leaves in its folder, and writing the run's own records into it.
 
 The doctor and the sweep table read run folders through here, so they agree on what a
 folder holds. Run folders are shared and downloaded, so nothing in one is trusted: every
-text quoted from it goes through `quoted` (one line, no markdown), and every report or
-table goes through `write_inside`, which never writes through a link or outside the folder.
+text quoted from it goes through `quoted` (one line, no markdown), and every file written
+goes through safe_files (never through a link, never outside the folder, whole or not at all).
 """
 
 import csv
@@ -11,20 +11,23 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from lightning_utilities.core.rank_zero import rank_zero_only  # the one Lightning sets the rank on
+from omegaconf import DictConfig, OmegaConf
 
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.model import MODEL_KEYS
-
-METRICS_FILE = Path("csv") / "metrics.csv"
-SUMMARY_FILE = "run_summary.json"
-RESULT_FILE = "result.json"
-HYDRA_CONFIG = Path(".hydra") / "config.yaml"
-HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
-LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+from fineweb_gpt.run.names import (
+    HYDRA_CONFIG,
+    HYDRA_DIR,
+    HYDRA_OVERRIDES,
+    HYDRA_SETTINGS,
+    LAST_CHECKPOINT,
+    RESULT_FILE,
+    SUMMARY_FILE,
+)
+from fineweb_gpt.safe_files import write_atomically
 
 # Metrics are grouped by prefix (train/, val/, perf/, data/, health/); folders written
 # before that hold these names, read under the new ones. A W&B history export names the
@@ -141,7 +144,7 @@ def summary_from_hydra_config(run_dir: Path, config: dict) -> dict:
         "tokens_per_step": config.get("total_batch_tokens"),
         "max_steps": max_steps if isinstance(max_steps, int) and max_steps > 0 else None,
     }
-    hydra_file = Path(run_dir) / ".hydra" / "hydra.yaml"
+    hydra_file = Path(run_dir) / HYDRA_SETTINGS
     if hydra_file.is_file():
         try:
             summary["model_name"] = OmegaConf.load(hydra_file).hydra.runtime.choices.get("model")
@@ -184,54 +187,27 @@ def quoted(value, limit: int = 160) -> str:
     return f"`{text}`" if text else "``"
 
 
-# --- writing into a folder -------------------------------------------------------------------
-
-
-def check_target(folder: Path, name: str) -> Path:
-    """The path `name` in `folder` if a report may be written there; a one-line ConfigError if
-    it is a link, not a plain file name, or resolves outside the folder."""
-    if not name or Path(name).name != name or name in (".", ".."):
-        raise ConfigError(f"{name!r} is not a file name; reports are written as plain files in a folder")
-    folder = Path(folder)
-    target = folder / name
-    if target.is_symlink():
-        raise ConfigError(
-            f"{target} is a link (to {os.readlink(target)}); a report is never written through a link: "
-            "delete the link, or give --out another path"
-        )
-    if os.path.lexists(target) and not target.is_file():
-        raise ConfigError(f"{target} exists and is not a file; give --out another path")
-    if target.resolve().parent != folder.resolve():
-        raise ConfigError(f"{target} resolves outside {folder.resolve()}; give --out another path")
-    return target
-
-
-def write_inside(folder: Path, name: str, content: str | bytes) -> Path:
-    """Write `name` into `folder` atomically, never through a link and never outside it.
-
-    The content goes to a new temporary file in the folder, then os.replace puts it in place:
-    a rename replaces whatever is at the name instead of writing through it (a link planted
-    after the check is replaced, not followed), and a reader never sees half a report. A name
-    that is already a link is refused in one line (a planted REPORT.md -> ~/.bashrc stays untouched).
-    """
-    target = check_target(folder, name)
-    real_folder = Path(folder).resolve()
-    data = content.encode() if isinstance(content, str) else content
-    descriptor, temporary = tempfile.mkstemp(dir=real_folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, real_folder / name)
-    except BaseException:
-        if os.path.lexists(temporary):
-            os.remove(temporary)
-        raise
-    return target
+# --- writing into a run folder --------------------------------------------------------------
 
 
 def write_result(run_dir: str, status: str, **details) -> None:
     """result.json in the run folder: how the run ended, for the sweep table."""
     if rank_zero_only.rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        write_inside(Path(run_dir), RESULT_FILE, json.dumps({"status": status, **details}) + "\n")
+        write_atomically(Path(run_dir) / RESULT_FILE, json.dumps({"status": status, **details}) + "\n")
+
+
+def write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
+    """.hydra/config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them, once the run is
+    accepted (unless hydra.output_subdir is set, and Hydra wrote them itself)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is not None:
+        return
+    folder = run_dir / HYDRA_DIR
+    if folder.is_symlink():
+        raise ConfigError(f"{folder} is a link (to {os.readlink(folder)}); delete it, the run records its config there")
+    folder.mkdir(exist_ok=True)
+    write_atomically(run_dir / HYDRA_CONFIG, OmegaConf.to_yaml(cfg))
+    write_atomically(run_dir / HYDRA_SETTINGS, OmegaConf.to_yaml(HydraConfig.instance().cfg))
+    write_atomically(run_dir / HYDRA_OVERRIDES, OmegaConf.to_yaml(HydraConfig.get().overrides.task))

@@ -1,23 +1,20 @@
-"""RunMonitor: what users watch, measured per optimizer step, and the run summary at start."""
+"""StepMetrics: what users watch, measured once per optimizer step, and each evaluation's result."""
 
-import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
 
 from fineweb_gpt.console import format_duration
-from fineweb_gpt.doctor.health import RunHealth
-from fineweb_gpt.flops import human_count, human_ratio, model_flops_utilization, size_mismatch
+from fineweb_gpt.flops import human_count, model_flops_utilization
 from fineweb_gpt.optimization import learning_rates
 
 log = logging.getLogger("fineweb_gpt")
 
 
-class RunMonitor(L.Callback):
+class StepMetrics(L.Callback):
     """What users watch, measured once per optimizer step rather than per micro-batch.
 
     Lightning's own logging records the last micro-batch's loss at each step, and its
@@ -27,25 +24,14 @@ class RunMonitor(L.Callback):
     tokens_per_sec, step_time_ms (training work only: evaluations and checkpoints happen
     between steps and are timed apart), mfu against hw.peak_flops, epoch (a fraction) and
     tokens_per_param; and per evaluation val/loss, val/ppl and val/time_ms. Every row carries
-    data/tokens_seen, the x-axis that lines up runs with different batch sizes. At the first
-    setup it prints the run's summary, writes it to run_summary.json and gives it, with the
-    run's config, to the loggers: once.
+    data/tokens_seen, the x-axis that lines up runs with different batch sizes. Each row also
+    goes to the `observers` (the health monitor): observer.observe(trainer, row, step).
     """
 
-    def __init__(
-        self,
-        plan: dict,
-        run_dir: str | None = None,
-        log_every_n_steps: int = 1,
-        check_health: bool = True,
-        config: dict | None = None,
-    ):
-        self.plan = plan  # static facts of the run, worked out by train.py
-        self.config = config  # the resolved config, for the loggers
-        self.run_dir = Path(run_dir) if run_dir else None
+    def __init__(self, plan: dict, log_every_n_steps: int = 1, observers: tuple = ()):
+        self.plan = plan  # static facts of the run, worked out by plan.py
         self.log_every_n_steps = max(1, log_every_n_steps)
-        self.check_health = check_health
-        self.summary: dict | None = None
+        self.observers = list(observers)
         self.tokens_seen = 0
         self.train_seconds = 0.0  # measured training time of the timed steps
         self.timed_steps = 0
@@ -54,65 +40,6 @@ class RunMonitor(L.Callback):
         self.micro_tokens = 0
         self.step_started = None
         self.val_started = None
-
-    # --- the summary at start ---------------------------------------------------------
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.summary is not None:
-            return
-        datamodule = trainer.datamodule
-        unique = getattr(datamodule, "unique_train_tokens", None)
-        device = trainer.strategy.root_device
-        self.summary = {
-            **self.plan,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-            "unique_train_tokens": unique,
-            "unique_train_tokens_estimated": getattr(datamodule, "unique_train_tokens_estimated", False),
-            "planned_epochs": self.plan["planned_tokens"] / unique if unique else None,
-            "data_files": [str(f) for f in getattr(datamodule, "files", [])],
-        }
-        loud = self.report_summary(trainer) if trainer.is_global_zero else set()
-        self.health = RunHealth(self.summary, already_warned=loud) if self.check_health else None
-
-    def report_summary(self, trainer: L.Trainer) -> set[str]:
-        """Print, save and log the summary; returns the health checks it already warned about."""
-        s = self.summary
-        peak = f", peak {s['peak_flops'] / 1e12:.1f} TFLOPS" if s["peak_flops"] else ", peak FLOPS unknown (no MFU)"
-        approx = "~" if s["unique_train_tokens_estimated"] else ""
-        data = (
-            f"{len(s['data_files'])} file(s), {approx}{human_count(s['unique_train_tokens'])} unique training tokens: "
-            f"{s['planned_epochs']:.2f} epochs planned"
-            if s["unique_train_tokens"]
-            else f"{len(s['data_files'])} file(s)"
-        )
-        lines = [
-            f"run folder       {self.run_dir}",
-            f"model            {s['model_name']}: {s['num_params'] / 1e6:.2f}M parameters (nanoGPT count), "
-            f"{s['n_layer']} layers x {s['n_head']} heads x {s['n_embd']}, block {s['block_size']}, "
-            f"dropout {s['dropout']}",
-            f"hardware         {s['hw_name']} ({s['device_name']}), {s['precision']}{peak}",
-            f"batch            {s['tokens_per_step']:,} tokens per optimizer step = micro-batch "
-            f"{s['micro_batch_size']} x block {s['block_size']} x accumulation {s['grad_accum']} x "
-            f"{s['world_size']} device(s)",
-            f"plan             {s['max_steps']:,} steps = {human_count(s['planned_tokens'])} tokens "
-            f"({human_ratio(s['planned_tokens'] / s['chinchilla_tokens'])}x the Chinchilla-optimal "
-            f"{human_count(s['chinchilla_tokens'])} for this size)",
-            f"data             {data}",
-            f"schedule         lr {s['lr']:g} -> {s['min_lr']:g} (cosine), warmup {s['warmup_steps']} steps, "
-            f"weight decay {s['weight_decay']:g}, evaluation every {s['val_every_steps']} steps",
-            f"FLOPs per token  {human_count(s['flops_per_token'])} (6N + 12 L H Q T)",
-        ]
-        log.info("Run summary\n  %s", "\n  ".join(lines))
-        if self.run_dir:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "run_summary.json").write_text(json.dumps(s, indent=2) + "\n")
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"config": self.config or {}, "run": s})
-        mismatch = size_mismatch(s["model_name"], s["num_params"])
-        if mismatch:  # the commonest silent mistake gets a banner
-            log.warning("\n%s\n!!! %s\n%s", "!" * 100, mismatch, "!" * 100)
-            return {"model_size"}
-        return set()
 
     # --- per optimizer step ---------------------------------------------------------------
 
@@ -126,8 +53,6 @@ class RunMonitor(L.Callback):
                 trainer.max_steps,
                 human_count(self.tokens_seen),
             )
-        if self.health:
-            self.record_health(trainer, self.health.check(), trainer.global_step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.step_started is None and self.logs_step(trainer.global_step + 1):
@@ -140,8 +65,6 @@ class RunMonitor(L.Callback):
         if step == self.last_step:  # still accumulating
             return
         self.last_step = step
-        if 0 < trainer.max_steps <= step:
-            trainer.should_stop = True  # so that Lightning evaluates the final step too
         tokens = self.micro_tokens * trainer.world_size  # every rank trains on same-shaped micro-batches
         self.tokens_seen += tokens
         self.micro_tokens = 0
@@ -214,15 +137,8 @@ class RunMonitor(L.Callback):
     def log_metrics(self, trainer: L.Trainer, metrics: dict, step: int) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        if self.health:
-            self.record_health(trainer, self.health.observe({"step": step, **metrics}), step)
-
-    def record_health(self, trainer: L.Trainer, findings: list, step: int) -> None:
-        """A problem the doctor would report also lands in the loggers, at the step it appeared."""
-        if findings:
-            row = {f"health/{finding.check}": 1.0 for finding in findings}
-            for logger in trainer.loggers:
-                logger.log_metrics({**row, "data/tokens_seen": self.tokens_seen}, step=step)
+        for observer in self.observers:
+            observer.observe(trainer, metrics, step)
 
     # --- evaluations ----------------------------------------------------------------------
 
@@ -263,28 +179,11 @@ class RunMonitor(L.Callback):
                 progress,
             )
 
-    # --- checkpoints ----------------------------------------------------------------------
-
-    def report(self, trainer: L.Trainer) -> float | None:
-        """Log how the run ended and where its files are; returns the final val loss."""
-        final = float(trainer.callback_metrics["val/loss"]) if "val/loss" in trainer.callback_metrics else None
-        log.info(
-            "Finished %d steps, %s tokens. Final val loss: %s",
-            trainer.global_step,
-            human_count(self.tokens_seen),
-            f"{final:.4f}" if final is not None else "n/a",
-        )
-        checkpoint = next((c for c in trainer.checkpoint_callbacks if c.last_model_path), None)
-        if checkpoint is not None:
-            log.info("Checkpoint: %s", checkpoint.last_model_path)
-        log.info("Run folder: %s", self.run_dir)
-        return final
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        # A resumed run reads this to continue the same W&B run.
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                checkpoint["wandb_run_id"] = logger.version
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Checkpoints of earlier versions keep this state under the callback's old name.
+        states = checkpoint.get("callbacks") or {}
+        if "RunMonitor" in states and self.state_key not in states:
+            self.load_state_dict(states["RunMonitor"])
 
     def state_dict(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds, "timed_steps": self.timed_steps}

@@ -1,0 +1,177 @@
+"""Whose a run folder is: claiming it before a run writes anything, and removing it after a
+refusal only when this command made it and no other run ever held it.
+
+A single run's folder is made here, just before Hydra would make it (NoteNewRunFolder, a Hydra
+callback in train.yaml): each missing folder is made with one mkdir, which only one of two
+commands started at the same moment can win, so "this command made it" is never a guess.
+claim_run_folder then locks the folder (one run at a time), removes what a killed save left,
+settles the checkpoint it resumes from and whether this command may resume it (resume_policy),
+and only then writes Hydra's record of the run (.hydra/*.yaml). A run refused before training
+leaves no folder behind, but removes one only while holding its lock, when this command made
+it and no other process ever held the lock: a refused second run never removes the folder the
+first is training in, or trained in.
+"""
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import lightning as L
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from fineweb_gpt.config_files import in_multirun
+from fineweb_gpt.errors import ConfigError, UserError, exit_with, one_line
+from fineweb_gpt.run.folder_lock import FolderLock
+from fineweb_gpt.run.names import CHECKPOINTS
+from fineweb_gpt.run.resume_policy import (
+    choose_checkpoint,
+    is_first_process,
+    may_resume,
+    refuse_a_fresh_start_over_checkpoints,
+)
+from fineweb_gpt.run.run_files import write_hydra_record, write_result
+
+log = logging.getLogger("fineweb_gpt")
+
+made_by_this_command: dict[str, list[Path]] = {}  # run folder -> the folders this command made for it, innermost first
+trained: set[str] = set()  # run folders this process started training in
+
+
+class NoteNewRunFolder(Callback):
+    """Hydra callback: makes a single run's folder before Hydra does, noting which folders this
+    command made (Hydra's own mkdir then finds them there)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        try:
+            HydraConfig.instance().set_config(config)  # as Hydra does next: hydra.run.dir may use ${hydra:...}
+            run_dir = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir"))))
+        except Exception:  # a folder we cannot name is a folder we never remove
+            return
+        missing = [folder for folder in (run_dir, *run_dir.parents) if not os.path.lexists(folder)]
+        made = []
+        for folder in reversed(missing):  # the outermost first
+            try:
+                os.mkdir(folder)
+            except FileExistsError:  # another command made it at this very moment: it is not ours
+                continue
+            except OSError:  # it cannot be made: Hydra says why when it tries
+                return
+            made.append(folder)
+        if run_dir in made:
+            made_by_this_command[str(run_dir)] = made[::-1]
+
+
+class ClaimedFolder:
+    """This run's hold on its folder: the lock (until release()) and the checkpoint it resumes from."""
+
+    def __init__(self, run_dir: Path, resume_from: str | None, lock: FolderLock | None = None):
+        self.run_dir, self.resume_from, self.lock = Path(run_dir), resume_from, lock
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def claim_run_folder(cfg: DictConfig) -> ClaimedFolder:
+    """Lock the run folder and settle what this run starts from, before anything is written in it.
+    A refusal is a one-line ConfigError; the folder is then left exactly as it was."""
+    run_dir = Path(cfg.run_dir)
+    if not is_first_process():  # DDP's other processes: rank 0 holds the folder
+        return ClaimedFolder(run_dir, choose_checkpoint(cfg.ckpt_path, cfg.resume, cfg.run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(run_dir).acquire()
+    try:
+        remove_cut_off_saves(run_dir / CHECKPOINTS)
+        resume_from = choose_checkpoint(cfg.ckpt_path, cfg.resume, cfg.run_dir)
+        if resume_from is None:
+            refuse_a_fresh_start_over_checkpoints(run_dir / CHECKPOINTS)
+        else:
+            may_resume(cfg, resume_from)
+        write_hydra_record(run_dir, cfg)
+    except BaseException:
+        lock.release()
+        raise
+    return ClaimedFolder(run_dir, resume_from, lock)
+
+
+def remove_cut_off_saves(folder: Path) -> None:
+    """Remove the temporaries of saves cut off by a kill (.<name>.<...>.tmp): under the lock, no
+    other run is writing here."""
+    for leftover in folder.glob(".*.tmp"):
+        if leftover.is_file() or leftover.is_symlink():
+            leftover.unlink()
+            log.info("Removed %s, left by a save that was cut off", leftover)
+
+
+def has_started_training(run_dir: str) -> bool:
+    return os.path.abspath(run_dir) in trained
+
+
+def discard_untrained_run(run_dir: str, lock: FolderLock | None = None) -> bool:
+    """Remove run_dir, and the empty folders made for it, if this command made it, never started
+    training in it, and no other process ever held its lock; True if it did. `lock`: the folder's
+    lock if this process holds it; otherwise it is taken here, and a folder whose lock another
+    process holds is kept."""
+    run_dir = os.path.abspath(run_dir)
+    made = made_by_this_command.get(run_dir)
+    if not made or run_dir in trained or not os.path.isdir(run_dir):
+        return False
+    own_lock = lock is None or not lock.held
+    if own_lock:
+        try:
+            lock = FolderLock(run_dir).acquire()
+        except UserError:  # another run holds it: the folder is that run's now
+            return False
+    try:
+        if not lock.only_this_process_held_it():
+            return False
+        close_logs_inside(Path(run_dir))
+        shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        if own_lock:
+            lock.release()
+    for parent in made[1:]:
+        try:
+            os.rmdir(parent)  # only if empty: another run may have started beside this one
+        except OSError:
+            break
+    return True
+
+
+def close_logs_inside(folder: Path) -> None:
+    """Close the log files (Hydra's <job>.log) kept open inside a folder about to be removed."""
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in list(getattr(logger, "handlers", [])):
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(folder):
+                logger.removeHandler(handler)
+                handler.close()
+
+
+def refuse_run(cfg: DictConfig, err: ConfigError, own_folder: bool) -> float:
+    """A run refused before training: one line and exit 2, leaving no folder this command made
+    (discard_untrained_run decides). In a sweep: NaN, and, where the refusal came before the
+    folder was claimed (own_folder), the point's record and a failed result there for the sweep
+    table; a folder refused at the claim may hold another run's work and is not written in."""
+    if not in_multirun():
+        discard_untrained_run(cfg.run_dir)
+        exit_with(err)
+    if own_folder:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        write_hydra_record(Path(cfg.run_dir), cfg)
+        write_result(cfg.run_dir, "failed", error=one_line(err))
+    log.error("This run was refused: %s", one_line(err))
+    return float("nan")
+
+
+class TrainingStarted(L.Callback):
+    """Marks the run as trained when training starts: from then on its folder is never removed."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trained.add(os.path.abspath(self.run_dir))

@@ -192,6 +192,41 @@ def test_push_to_hub_commits_the_folder_as_written(tmp_path, monkeypatch):
     assert f"{tmp_path / 'again'} is written" in str(raised.value) and (tmp_path / "again" / "config.json").is_file()
 
 
+def test_a_second_export_replaces_the_first_and_nothing_else_is_written_over(tmp_path):
+    first = save_checkpoint(random_gpt("gpt2", seed=1), tmp_path / "first.ckpt")
+    second = save_checkpoint(random_gpt("gpt2", seed=2), tmp_path / "second.ckpt")
+    out, _ = export_checkpoint(first, tmp_path / "exported")
+    export_checkpoint(second, out)
+    assert json.loads((out / OUR_FILE).read_text())["checkpoint"] == str(second.resolve())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "first.ckpt", "second.ckpt"]  # no leftovers
+    (tmp_path / "link").symlink_to(out)
+    with pytest.raises(ConfigError, match="is a link"):
+        export_checkpoint(first, tmp_path / "link")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="exists and is not an earlier export"):
+        export_checkpoint(first, other)
+    assert json.loads((out / OUR_FILE).read_text())["checkpoint"] == str(second.resolve())
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_without_the_hf_extra_export_and_init_from_name_it(tmp_path, make_config, monkeypatch):
+    ckpt = save_checkpoint(random_gpt("gpt2"), tmp_path / "x.ckpt")
+    blocked = "import sys; sys.modules['transformers'] = None; from fineweb_gpt.export import main; sys.exit(main())"
+    done = run_command(sys.executable, "-c", blocked, f"ckpt={ckpt}", f"out={tmp_path / 'out'}", cwd=tmp_path)
+    assert done.returncode == 2 and not (tmp_path / "out").exists()
+    assert done.stderr.strip().splitlines() == [
+        "error: fineweb-gpt-export needs the Hugging Face libraries (transformers is not installed): "
+        'pip install "fineweb_gpt[hf]"'
+    ]
+    from fineweb_gpt.export import use_init_from
+
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    with pytest.raises(ConfigError, match=r"init_from=gpt2 needs .*safetensors is not installed.*fineweb_gpt\[hf\]"):
+        use_init_from(make_config(*[o for o in SMALL if not o.startswith("model.")], "init_from=gpt2"))
+
+
 def save_checkpoint(model: GPT, path: Path) -> Path:
     from test_hellaswag import save_checkpoint as save
 

@@ -32,6 +32,7 @@ import torch
 
 from fineweb_gpt.errors import ConfigError, UserError, exit_with, one_line
 from fineweb_gpt.model import ARCHITECTURE_KEYS, GPT, MODEL_KEYS, GPTConfig
+from fineweb_gpt.safe_files import TEMPORARY_SUFFIX, disk_full_error, replace_folder, write_atomically
 from fineweb_gpt.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, GPT2_VOCAB_SIZE
 
 GPT2_HUB_REPO = "openai-community/gpt2"  # init_from=gpt2: OpenAI's GPT-2 124M
@@ -42,6 +43,20 @@ RMS_NORM_EPS = torch.finfo(torch.float32).eps  # nn.RMSNorm(eps=None) in fp32
 LOGITS_TOLERANCE = 1e-4  # fp32; the two agree to about 1e-6 on random weights
 # The GPTConfig fields the export translates; every other field must have its preset's value.
 TRANSLATED = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "arch"}
+
+
+HF_EXTRA = 'pip install "fineweb_gpt[hf]"'
+
+
+def require_hf_extra(what: str) -> None:
+    """A one-line error naming the extra, before any work, where transformers or safetensors is missing."""
+    try:
+        import safetensors  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            f"{what} needs the Hugging Face libraries ({err.name or 'transformers'} is not installed): {HF_EXTRA}"
+        ) from None
 
 
 # --- the weights' names, both ways --------------------------------------------------------
@@ -374,11 +389,14 @@ lm_eval --model hf --model_args pretrained={name} --tasks hellaswag
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, push_to_hub: str | None = None) -> tuple[Path, float]:
     """Write the transformers folder for `ckpt` into `out`; returns (out, the largest logit difference)."""
-    from safetensors.torch import save_file
+    require_hf_extra("fineweb-gpt-export")
+    from safetensors.torch import save as safetensors_bytes
 
     from fineweb_gpt.run.checkpoint_files import load_gpt
 
     ckpt, out = Path(ckpt), Path(out)
+    if out.is_symlink():
+        raise ConfigError(f"out={out} is a link; fineweb_gpt never writes through a link: give a folder's own path")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / OUR_FILE).is_file())):
         raise ConfigError(f"out={out} exists and is not an earlier export; give a new folder")
     if not os.access(out.parent if out.parent.exists() else Path.cwd(), os.W_OK):
@@ -388,23 +406,26 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, push_to_hub: str | None
     hf_model = transformers_model(model)
     difference = check_same_logits(model, hf_model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=TEMPORARY_SUFFIX, dir=out.parent))
     try:
         hf_model.generation_config = generation_config()
         hf_model.save_pretrained(staging)
         transformers_tokenizer(model.config.block_size).save_pretrained(staging)
         padding = model.token_embedding.weight.detach()[GPT2_VOCAB_SIZE:].clone()
         if len(padding):
-            save_file({"rows": padding.contiguous()}, staging / PADDING_FILE)
+            write_atomically(staging / PADDING_FILE, safetensors_bytes({"rows": padding.contiguous()}))
         facts = run_facts(ckpt, checkpoint)
         record = {"model_config": model.config.to_dict(), "checkpoint": str(ckpt.resolve()), **facts}
-        (staging / OUR_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_atomically(staging / OUR_FILE, json.dumps(record, indent=2) + "\n")
         card = model_card(model.config, type(hf_model).__name__, model.num_params(), facts, push_to_hub or out.name)
-        (staging / "README.md").write_text(card)
+        write_atomically(staging / "README.md", card)
         readable_as_umask_allows(staging)  # mkdtemp and safetensors make them private
-        if out.exists():
-            shutil.rmtree(out)  # an earlier export of ours (checked above), replaced whole
-        os.replace(staging, out)
+        replace_folder(staging, out)  # an earlier export of ours (checked above) is replaced whole
+    except BaseException as err:
+        full = disk_full_error(err, out)
+        if full is not None:
+            raise full from err
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if push_to_hub:
@@ -559,6 +580,7 @@ def use_init_from(cfg) -> dict:
     choices = hydra_choices()
     if not cfg.get("init_from"):
         return choices
+    require_hf_extra(f"init_from={cfg.init_from}")
     with open_dict(cfg):
         cfg.model = apply_init_from(OmegaConf.to_container(cfg.model), str(cfg.init_from))
     return {**choices, "model": f"init_from={cfg.init_from}"}

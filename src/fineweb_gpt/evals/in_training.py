@@ -19,10 +19,11 @@ import torch
 
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.evals.hellaswag import Scores, load_examples, rank_share, score_examples
+from fineweb_gpt.run.names import SAMPLES_FILE
+from fineweb_gpt.safe_files import write_atomically
 from fineweb_gpt.tokenizer import END_OF_TEXT_ID, gpt2_tokenizer
 
 log = logging.getLogger("fineweb_gpt")
-SAMPLES_FILE = "samples.jsonl"
 AUTO_INTERVAL = 1000  # eval.hellaswag_every_steps=auto on a GPU for a GPT-2-sized model
 AUTO_MIN_PARAMS = 100e6  # below this, a model scores about chance for most of its run
 
@@ -137,9 +138,10 @@ class HellaSwagCallback(L.Callback):
         if not texts:
             return
         if self.run_dir:
-            with (self.run_dir / SAMPLES_FILE).open("a", encoding="utf-8") as file:
-                for i, text in enumerate(texts):
-                    file.write(json.dumps({"step": step, "sample": i, "text": text}) + "\n")
+            path = self.run_dir / SAMPLES_FILE
+            earlier = path.read_text(encoding="utf-8") if path.is_file() else ""  # a few kB: rewritten whole
+            lines = [json.dumps({"step": step, "sample": i, "text": text}) + "\n" for i, text in enumerate(texts)]
+            write_atomically(path, earlier + "".join(lines))
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_text(

@@ -284,9 +284,8 @@ def test_hellaswag_in_training_is_logged_at_its_step(trained):
     samples = [json.loads(line) for line in (trained["run_dir"] / "samples.jsonl").read_text().splitlines()]
     assert [(s["step"], s["sample"]) for s in samples] == [(STEPS, 0), (STEPS, 1)]
     assert all(s["text"].startswith("Hello, I'm a language model,") for s in samples)
-    # Its time is not the step's: the step it followed was timed before it started.
-    step = next(r for r in rows if r["step"] == STEPS and "perf/step_time_ms" in r)
-    assert step["perf/step_time_ms"] < row["eval/hellaswag_time_ms"] + step["perf/step_time_ms"]
+    # Its time is kept apart from the step's (tests/test_hellaswag.py checks that it is left out of it).
+    assert row["eval/hellaswag_time_ms"] > 0
 
 
 def test_score_export_load_evaluate_and_train_again(trained, tmp_path):

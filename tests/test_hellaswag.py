@@ -252,3 +252,40 @@ def test_auto_scores_gpt2_sized_models_on_a_gpu_only(make_config):
         ConfigError, match=r"eval.hellaswag_every_steps=0 must be a whole number at least 1, or null, or"
     ):
         plan_run(make_config(*SMALL, "eval.hellaswag_every_steps=0"), {})
+
+
+def test_its_time_stays_out_of_the_step_it_follows(make_config, tmp_path, monkeypatch):
+    """The callback runs after StepMetrics has timed the step (train.py's order): scoring made
+    seconds slower shows in eval/hellaswag_time_ms; were it inside the step, the step's
+    perf/step_time_ms would be longer than the scoring's whole time."""
+    import time
+
+    from fineweb_gpt.evals import in_training
+    from fineweb_gpt.run.names import METRICS_FILE
+    from fineweb_gpt.run.run_files import read_metrics
+    from fineweb_gpt.train import train
+    from helpers import SMALL
+
+    real_score = in_training.score_examples
+
+    def slower_score(*args, **kwargs):
+        time.sleep(3.0)  # longer than a tiny step takes, even on a busy machine
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(in_training, "score_examples", slower_score)
+    data = write_published(tmp_path / "hellaswag_val.jsonl", synthetic_examples(4))
+    cfg = make_config(
+        *SMALL,
+        "trainer.max_steps=2",
+        "val_every_steps=2",
+        "eval.hellaswag_every_steps=2",
+        f"eval.hellaswag_path={data}",
+        "eval.samples=0",
+    )
+    train(cfg)
+    rows = read_metrics(Path(cfg.run_dir) / METRICS_FILE)
+    [scored] = [row for row in rows if "eval/hellaswag_time_ms" in row]
+    [step] = [row for row in rows if row["step"] == 2 and "perf/step_time_ms" in row]
+    assert scored["step"] == 2 and scored["eval/hellaswag_time_ms"] >= 3000
+    assert step["perf/step_time_ms"] < scored["eval/hellaswag_time_ms"]
+    assert not (Path(cfg.run_dir) / "samples.jsonl").exists()  # eval.samples=0

@@ -1,7 +1,7 @@
 """Hub files through snapshot_download, and data=hf_stream through `datasets`, as users run them.
 
 No test reaches the network. The Hub download tests swap only huggingface_hub's HTTP client
-for one that serves a local folder as the dataset repository (FAKE_HUB below): listing,
+for one that serves a local folder as the dataset repository (fake_hub.py): listing,
 downloading, the cache, HF_HOME and offline mode are huggingface_hub's own. The hf_stream
 tests use local parquet files through the very call a Hub dataset takes
 (`load_dataset("parquet", data_files=..., streaming=True)` instead of a repository name).
@@ -23,6 +23,7 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
+from fake_hub import COMMIT, FAKE_HUB, requests, serving
 from fineweb_gpt.data import FineWebDataModule, HubStreamDataModule, bundled_sample_path, read_documents
 from fineweb_gpt.data.holdout import is_validation_document
 from fineweb_gpt.data.hub_files import download_hub_files
@@ -32,50 +33,6 @@ from fineweb_gpt.tokenizer import END_OF_TEXT_ID
 from helpers import SMALL, run_cli
 
 TESTS = Path(__file__).parent
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-# Installed as sitecustomize in a training run (or called in-process): huggingface_hub's HTTP
-# client answers from the folder $FAKE_HUB_REPO, as the Hub would, and logs each request.
-FAKE_HUB = """
-import hashlib, os
-from pathlib import Path
-
-import httpx2
-import huggingface_hub
-from huggingface_hub.utils._http import hf_request_event_hook
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def fake_hub(root, log):
-    root = Path(root)
-
-    def answer(request):
-        with open(log, "a") as f:
-            f.write(f"{request.method} {request.url.path}\\n")
-        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-        path = request.url.path
-        if path.endswith("/revision/main"):
-            siblings = [{"rfilename": f} for f in files]
-            return httpx2.Response(200, json={"id": "repo", "sha": COMMIT, "siblings": siblings})
-        if "/tree/" in path:
-            return httpx2.Response(200, json=[{"type": "file", "path": f, "size": (root / f).stat().st_size,
-                                              "oid": hashlib.sha1((root / f).read_bytes()).hexdigest()} for f in files])
-        if f"/resolve/{COMMIT}/" in path:
-            data = (root / path.split(f"/resolve/{COMMIT}/")[1]).read_bytes()
-            etag = hashlib.sha1(data).hexdigest()
-            headers = {"X-Repo-Commit": COMMIT, "ETag": etag, "Content-Length": str(len(data))}
-            return httpx2.Response(200, headers=headers, content=b"" if request.method == "HEAD" else data)
-        return httpx2.Response(404)
-
-    huggingface_hub.set_client_factory(
-        lambda: httpx2.Client(transport=httpx2.MockTransport(answer), event_hooks={"request": [hf_request_event_hook]})
-    )
-
-
-if os.environ.get("FAKE_HUB_REPO"):
-    fake_hub(os.environ["FAKE_HUB_REPO"], os.environ["FAKE_HUB_LOG"])
-"""
 
 
 def write_repo(root: Path) -> Path:
@@ -90,24 +47,12 @@ def write_repo(root: Path) -> Path:
     return root
 
 
-def requests(log: Path) -> list[str]:
-    return log.read_text().splitlines() if log.exists() else []
-
-
 @pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
+def fake_hub(tmp_path):
     """The Hub, online, serving a local repository to this process; returns (request log, repo)."""
-    import huggingface_hub
-    from huggingface_hub import constants
-    from huggingface_hub.utils._http import default_client_factory
-
-    namespace: dict = {}
-    exec(FAKE_HUB, namespace)
     repo, log = write_repo(tmp_path / "repo"), tmp_path / "requests.log"
-    namespace["fake_hub"](repo, log)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    yield log, repo
-    huggingface_hub.set_client_factory(default_client_factory)
+    with serving(repo, log):
+        yield log, repo
 
 
 def test_hub_files_download_once_with_the_same_pattern_meaning_online_and_offline(fake_hub, tmp_path, monkeypatch):

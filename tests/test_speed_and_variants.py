@@ -145,12 +145,32 @@ def test_muon_and_adamw_state_resumes_from_a_checkpoint():
 
 @pytest.mark.slow
 def test_compile_gives_the_same_losses_on_the_cpu(make_config, tmp_path):
-    losses = {}
+    """... and HellaSwag and the samples work compiled (build-nanogpt turned compile off for them)."""
+    from fineweb_gpt.evals.hellaswag import synthetic_examples
+    from fineweb_gpt.run.names import METRICS_FILE
+    from fineweb_gpt.run.run_files import read_metrics
+    from test_hellaswag import write_published
+
+    hellaswag = write_published(tmp_path / "hellaswag_val.jsonl", synthetic_examples(8))
+    losses, scored = {}, {}
     for compile_model in (False, True):
-        cfg = make_config(*VARIANT_RUN, "trainer.max_steps=4", f"hw.compile={str(compile_model).lower()}")
+        cfg = make_config(
+            *VARIANT_RUN,
+            "trainer.max_steps=4",
+            f"hw.compile={str(compile_model).lower()}",
+            "eval.hellaswag_every_steps=2",
+            f"eval.hellaswag_path={hellaswag}",
+            "eval.samples=1",
+        )
         cfg.run_dir = str(tmp_path / str(compile_model))
         losses[compile_model] = train(cfg)
+        rows = read_metrics(Path(cfg.run_dir) / METRICS_FILE)
+        scored[compile_model] = [(r["step"], r["eval/hellaswag_acc_norm"]) for r in rows if "eval/hellaswag_acc" in r]
+        assert (Path(cfg.run_dir) / "samples.jsonl").read_text().count("\n") == 2  # steps 2 and 4
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
+    assert [step for step, _ in scored[True]] == [step for step, _ in scored[False]] == [2, 4]
+    for (_, compiled), (_, eager) in zip(scored[True], scored[False]):
+        assert compiled == pytest.approx(eager, abs=1 / 8)  # the same weights, to a near tie at most
 
 
 def test_where_compiling_cannot_work_the_run_says_so_once_and_trains_uncompiled(make_config, monkeypatch, caplog):

@@ -92,6 +92,19 @@ class OneOf:
         return "one of " + ", ".join(typed(c) for c in self.choices) + (f" ({self.meaning})" if self.meaning else "")
 
 
+class Text:
+    """Some text (a name, a path), or one of `also`."""
+
+    def __init__(self, also: tuple = ()):
+        self.also = also
+
+    def accepts(self, value) -> bool:
+        return is_one_of(value, self.also) or (isinstance(value, str) and value.strip() != "")
+
+    def __str__(self) -> str:
+        return f"some text{or_also(self.also)}"
+
+
 class Devices:
     """trainer.devices as Lightning reads it: a count, -1 or auto (all), or device ids ([0,1] or "0,1")."""
 
@@ -150,6 +163,14 @@ ALLOWED = {
     "optim.muon_lr": Number(above=0),
     "optim.muon_momentum": Number(at_least=0, below=1),
     "loss_guard.spike_factor": Number(above=1, also=(None,)),
+    "init_from": Text(also=(None,)),
+    "eval.hellaswag_every_steps": Whole(1, also=(None, "auto")),
+    "eval.hellaswag_path": Text(also=(None,)),
+    "eval.hellaswag_examples": Whole(1, also=(None,)),
+    "eval.hellaswag_batch_size": Whole(1),
+    "eval.samples": Whole(0, 100),
+    "eval.sample_prompt": Text(also=("",)),
+    "eval.sample_tokens": Whole(1, 100_000),
     "trainer.accelerator": OneOf("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())),
     "trainer.devices": Devices(),
     "trainer.num_nodes": Whole(1),

@@ -1,19 +1,23 @@
-"""fineweb-gpt-eval ckpt=PATH: a checkpoint's loss and perplexity on any data the trainer reads.
+"""fineweb-gpt-eval ckpt=PATH: a checkpoint's loss and perplexity on any data the trainer reads,
+or its HellaSwag accuracy (task=hellaswag).
 
     fineweb-gpt-eval ckpt=outputs/2026-11-22/10-00-00/checkpoints/last.ckpt
     python -m fineweb_gpt.evaluate ckpt=... data=single_parquet data.path=/data/held_out.parquet split=all
+    python -m fineweb_gpt.evaluate ckpt=... task=hellaswag [hellaswag.path=hellaswag_val.jsonl]
 
 split=val (the default) scores the source's held-out documents exactly as training evaluates
 them: the same windows, the same mean over them. So a run's checkpoint, scored on the run's
 data config, gives the run's last val/loss. split=all scores every document of the source.
 The model comes from the checkpoint alone; data.block_size is its context unless set.
 The result is printed on one line and written as JSON beside the checkpoint (or to out=PATH).
+task=hellaswag scores HellaSwag's validation set as build-nanogpt and llm.c do (evals/hellaswag.py).
 """
 
 import json
 import math
 import os
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -24,11 +28,13 @@ from tqdm import tqdm
 
 from fineweb_gpt.config_files import build, config_dir
 from fineweb_gpt.errors import ConfigError, OutOfMemory, UserError, exit_with
+from fineweb_gpt.evals.hellaswag import HUB_REPO, load_examples, score_examples
 from fineweb_gpt.model import GPT
 from fineweb_gpt.run.checkpoint_files import load_gpt
 from fineweb_gpt.safe_files import write_atomically
 
 SPLITS = {"val": "held-out documents", "all": "every document"}
+TASKS = ("loss", "hellaswag")
 
 
 def check_options(cfg: DictConfig) -> tuple[str, Path]:
@@ -38,6 +44,11 @@ def check_options(cfg: DictConfig) -> tuple[str, Path]:
     missing = [key for key in cfg.data if OmegaConf.is_missing(cfg.data, key)]
     if missing:
         raise ConfigError(f"data.{missing[0]} has no value; set it on the command line, e.g. data.path=/data/x.parquet")
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task={cfg.task} is not one of loss (the data's loss), hellaswag")
+    examples = cfg.hellaswag.examples
+    if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
+        raise ConfigError(f"hellaswag.examples={examples} must be a whole number of at least 1, or null for all")
     if cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split} is not one of val (held-out documents), all (every document)")
     if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
@@ -48,7 +59,8 @@ def check_options(cfg: DictConfig) -> tuple[str, Path]:
         raise ConfigError("device=cuda but this machine has no CUDA GPU; use device=cpu")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     ckpt = Path(str(cfg.ckpt))
-    out = Path(str(cfg.out)) if cfg.out else ckpt.with_name(f"{ckpt.stem}.eval.json")
+    suffix = "eval" if cfg.task == "loss" else cfg.task
+    out = Path(str(cfg.out)) if cfg.out else ckpt.with_name(f"{ckpt.stem}.{suffix}.json")
     if not os.access(out.parent, os.W_OK):
         raise ConfigError(f"cannot write {out} (its folder is missing or read-only); give out=PATH")
     return device, out
@@ -89,11 +101,7 @@ def describe_source(data: DictConfig) -> str:
 def score(model: GPT, batches, device: str, batch_size: int) -> tuple[float, int, int]:
     """(mean loss over windows, windows, tokens per window) of (batch, block_size + 1) windows:
     each batch's mean weighted by its windows, as Lightning averages training's val/loss."""
-    if device == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        autocast = torch.autocast("cuda", dtype=dtype)
-    else:
-        autocast = nullcontext()
+    autocast = inference_context(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     windows = block_size = 0
     try:
@@ -110,15 +118,25 @@ def score(model: GPT, batches, device: str, batch_size: int) -> tuple[float, int
     return float(loss_sum) / windows, windows, block_size
 
 
+def inference_context(device: str):
+    """bf16 autocast on CUDA (fp16 on GPUs without bf16), as training runs; fp32 on the CPU."""
+    if device != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
-    """Score cfg.ckpt on cfg.data: the results, and the JSON file they were written to."""
+    """Score cfg.ckpt on cfg.data (or HellaSwag): the results, and the JSON file they were written to."""
     device, out = check_options(cfg)
+    examples = load_examples(cfg.hellaswag.path, cfg.hellaswag.examples) if cfg.task == "hellaswag" else None
     model, checkpoint = load_gpt(cfg.ckpt)
     step = checkpoint.get("global_step")
     del checkpoint  # optimizer state included: no need to hold it while scoring
     if device == "cuda":
         torch.set_float32_matmul_precision("high")  # as training does
     model.to(device)
+    if examples is not None:
+        return evaluate_hellaswag(cfg, model, examples, step, device, out)
     set_data_options(cfg.data, cfg.split, model.config.block_size)
     datamodule = build(cfg.data, micro_batch_size=cfg.batch_size)
     datamodule.prepare_data()
@@ -141,7 +159,39 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     return result, out
 
 
+def evaluate_hellaswag(cfg: DictConfig, model: GPT, examples: list, step, device: str, out: Path) -> tuple[dict, Path]:
+    started = time.perf_counter()
+    try:
+        scores = score_examples(model, examples, cfg.batch_size, device, inference_context(device), progress=True)
+    except torch.cuda.OutOfMemoryError as err:
+        raise OutOfMemory(
+            f"CUDA out of memory at batch_size={cfg.batch_size} examples; use batch_size={max(1, cfg.batch_size // 2)}"
+        ) from err
+    result = {
+        "checkpoint": str(Path(cfg.ckpt).resolve()),
+        "step": step,
+        "task": "hellaswag",
+        "source": str(Path(cfg.hellaswag.path).resolve()) if cfg.hellaswag.path else f"{HUB_REPO} (validation)",
+        **scores.result(),
+        "block_size": model.config.block_size,
+        "seconds": time.perf_counter() - started,
+        "device": device,
+    }
+    write_atomically(out, json.dumps(result, indent=2) + "\n")
+    return result, out
+
+
 def summary(result: dict, out: Path) -> str:
+    if result.get("task") == "hellaswag":
+        cut = (
+            f", {result['contexts_cut']:,} contexts cut from the left to fit the block"
+            if result["contexts_cut"]
+            else ""
+        )
+        return (
+            f"HellaSwag: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f}, {result['examples']:,} examples"
+            f"{cut} in {result['seconds']:.1f} s (checkpoint step {result['step']}) -> {out}"
+        )
     return (
         f"{SPLITS[result['split']]} of {result['source']}: loss {result['loss']:.4f}, perplexity "
         f"{result['perplexity']:.2f}, {result['tokens']:,} tokens in {result['windows']:,} windows of "

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from fineweb_gpt.config_schema import check_values, typed
 from fineweb_gpt.data.settings import check_data_config
 from fineweb_gpt.errors import ConfigError, OutOfMemory
+from fineweb_gpt.evals.in_training import hellaswag_interval
 from fineweb_gpt.flops import chinchilla_tokens, gpu_for_device, human_count, model_flops_per_token, parameter_count
 from fineweb_gpt.model import GPTConfig
 from fineweb_gpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
@@ -131,10 +132,14 @@ def gradient_accumulation(total_batch_tokens: int, micro_batch_size: int, block_
     return total_batch_tokens // tokens_per_micro_step
 
 
+def is_fsdp(strategy) -> bool:
+    return "fsdp" in (strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)).lower()
+
+
 def check_fsdp(strategy, accelerator: str, world_size: int) -> None:
     """trainer=fsdp needs CUDA GPUs and at least two processes to shard across."""
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
-    if "fsdp" not in target.lower():
+    if not is_fsdp(strategy):
         return
     if (target == LIGHTNING_FSDP or target.startswith("fsdp")) and on_cpu(accelerator):
         raise ConfigError(
@@ -277,6 +282,12 @@ def run_plan(
         **{key: cfg.optim[key] for key in ("lr", "min_lr", "weight_decay")},
         "warmup_steps": fitted_warmup(cfg.optim.warmup_steps, max_steps),
         "val_every_steps": cfg.val_every_steps,
+        "hellaswag_every_steps": hellaswag_interval(
+            OmegaConf.select(cfg, "eval.hellaswag_every_steps"),
+            num_params,
+            on_gpu=not on_cpu(cfg.trainer.accelerator),
+            sharded=is_fsdp(cfg.trainer.strategy),
+        ),
         "flops_per_token": model_flops_per_token(model_config, block_size),
     }
 

@@ -12,6 +12,7 @@ rename replaces whatever is at the name instead of writing through it.
 
 import errno
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -95,6 +96,35 @@ def write_atomically(path: str | Path, content: str | bytes) -> Path:
     with AtomicFile(path) as file:
         file.write(data)
     return Path(path)
+
+
+def replace_folder(staging: str | Path, target: str | Path) -> Path:
+    """Put `staging`, a folder written in full beside `target`, in its place: its files flushed to
+    disk first; a folder already at `target` is moved aside and removed only once the new one is
+    in place (a folder cannot be renamed over a full one). A `target` that is a link is refused."""
+    staging, target = Path(staging), Path(target)
+    if target.is_symlink():
+        raise ConfigError(
+            f"{target} is a link (to {os.readlink(target)}); fineweb_gpt never writes through a link: "
+            "delete the link, or give another path"
+        )
+    for file in staging.iterdir():
+        if file.is_file():
+            descriptor = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    sync_folder(staging)
+    old = None
+    if os.path.lexists(target):
+        old = target.with_name(f".{target.name}.{os.getpid()}.old{TEMPORARY_SUFFIX}")
+        os.replace(target, old)
+    os.replace(staging, target)
+    sync_folder(target.parent)
+    if old is not None:
+        shutil.rmtree(old)
+    return target
 
 
 def replace_with_link(link: Path, target: str) -> None:

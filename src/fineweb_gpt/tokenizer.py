@@ -36,8 +36,8 @@ def bundled_ranks_path() -> Path:
     return Path(str(resources.files("fineweb_gpt") / "assets" / "gpt2.tiktoken"))
 
 
-def load_gpt2_encoding(ranks_path: str | Path | None = None) -> tiktoken.Encoding:
-    """Build the GPT-2 encoding from a ranks file (the bundled one by default)."""
+def gpt2_ranks(ranks_path: str | Path | None = None) -> dict[bytes, int]:
+    """GPT-2's byte-pair merge ranks from a ranks file (the bundled one by default), hash checked."""
     path = Path(ranks_path) if ranks_path is not None else bundled_ranks_path()
     try:
         data = path.read_bytes()
@@ -56,10 +56,15 @@ def load_gpt2_encoding(ranks_path: str | Path | None = None) -> tiktoken.Encodin
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def load_gpt2_encoding(ranks_path: str | Path | None = None) -> tiktoken.Encoding:
+    """Build the GPT-2 encoding from a ranks file (the bundled one by default)."""
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
+        mergeable_ranks=gpt2_ranks(ranks_path),
         special_tokens={END_OF_TEXT: END_OF_TEXT_ID},
         explicit_n_vocab=GPT2_VOCAB_SIZE,
     )

@@ -12,9 +12,11 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from fineweb_gpt.config_files import build, config_dir, hydra_choices, in_multirun, sweep_names
+from fineweb_gpt.config_files import build, config_dir, in_multirun, sweep_names
 from fineweb_gpt.console import StepProgressBar, route_warnings_to_log
 from fineweb_gpt.errors import ConfigError, UserError, exit_with, one_line
+from fineweb_gpt.evals.in_training import hellaswag_callbacks
+from fineweb_gpt.export import initial_weights, use_init_from
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.loggers import RememberWandbRun, build_loggers, finish_wandb_run
 from fineweb_gpt.model import GPTConfig
@@ -44,7 +46,7 @@ def train(cfg: DictConfig, folder: ClaimedFolder | None = None, plan: dict | Non
     """Run one training job; returns the final validation loss (for sweepers). Raises RunStopped
     when a signal stopped it part way. main() passes the run folder as claim_run_folder settled it
     and the plan it checked; a direct call (tests) works them out here."""
-    plan = plan or plan_run(cfg, hydra_choices())  # refuses what cannot work, before anything is built
+    plan = plan or plan_run(cfg, use_init_from(cfg))  # refuses what cannot work, before anything is built
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left on Ampere and newer
@@ -57,6 +59,8 @@ def train(cfg: DictConfig, folder: ClaimedFolder | None = None, plan: dict | Non
         compile_model=plan["compile"],  # hw.compile, unless this machine cannot compile
         compile_tuning=cfg.hw.get("compile_tuning", False),
     )
+    if cfg.get("init_from") and ckpt_path is None:  # a resumed run has its own weights
+        module.model.load_state_dict(initial_weights(cfg.init_from, module.model.config))
 
     config = OmegaConf.to_container(cfg, resolve=True)
     summary = RunSummary(plan, run_dir=cfg.run_dir, config=config)
@@ -68,6 +72,8 @@ def train(cfg: DictConfig, folder: ClaimedFolder | None = None, plan: dict | Non
         summary,
         health,
         metrics,
+        # After StepMetrics, which has then timed the step: HellaSwag's time stays out of the step's.
+        *hellaswag_callbacks(cfg.get("eval"), plan["hellaswag_every_steps"], cfg.run_dir, metrics),
         EvaluateLastStep(),
         ResumeSettings(config),
         TrainingStarted(cfg.run_dir),
@@ -110,7 +116,7 @@ def main(cfg: DictConfig) -> float | None:
     leaves no folder (or an earlier run's folder as it was)."""
     route_warnings_to_log()
     try:
-        plan = plan_run(cfg, hydra_choices())  # refuses what cannot work; writes nothing
+        plan = plan_run(cfg, use_init_from(cfg))  # refuses what cannot work; writes nothing
     except UserError as err:
         return refuse_run(cfg, err, own_folder=True)
     try:

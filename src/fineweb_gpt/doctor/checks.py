@@ -13,7 +13,7 @@ from fineweb_gpt.doctor.curve import (
 from fineweb_gpt.doctor.forecast import check_forecast
 from fineweb_gpt.doctor.memory import check_batch_plan
 from fineweb_gpt.doctor.record import SOURCE_NAMES, Finding, RunRecord
-from fineweb_gpt.doctor.reference import check_reference
+from fineweb_gpt.doctor.reference import check_hellaswag, check_reference
 from fineweb_gpt.doctor.speed import check_mfu
 
 
@@ -47,12 +47,13 @@ CHECKS: tuple[Callable[[RunRecord], Finding | None], ...] = (
     check_lr_at_plateau,
     check_dropout,
     check_reference,
+    check_hellaswag,
     check_mfu,
     check_forecast,
     check_batch_plan,
 )
 # Checks that only ever give context: training, which warns about problems, need not run them.
-NOTES_ONLY = (check_settings, check_reference, check_forecast, check_batch_plan)
+NOTES_ONLY = (check_settings, check_reference, check_hellaswag, check_forecast, check_batch_plan)
 
 
 def diagnose(run: RunRecord, checks=CHECKS) -> list[Finding]:

@@ -20,6 +20,7 @@ SOURCE_NAMES = {
     "nanogpt": "nanoGPT log",
     "llmc": "llm.c log",
     "modded": "modded-nanogpt log",
+    "buildnanogpt": "build-nanogpt log",
     "csv": "metrics CSV",
 }
 
@@ -253,5 +254,14 @@ SETTING_SPELLINGS = {
         "compile": "torch.compile (on by default)",
         "more_data": "more fineweb_train_*.bin shards",
     },
+}
+SETTING_SPELLINGS["buildnanogpt"] = {
+    "lr": "max_lr = {:.2g} in train_gpt2.py",
+    "min_lr": "min_lr = {:.2g} in train_gpt2.py",
+    "max_steps": "max_steps = {} in train_gpt2.py",
+    "decay_steps": "max_steps = {} in train_gpt2.py",
+    "micro_batch": "B = {} in train_gpt2.py",
+    "compile": "use_compile = True in train_gpt2.py",
+    "more_data": "more edu_fineweb10B shards (fineweb.py)",
 }
 SETTING_SPELLINGS["csv"] = SETTING_SPELLINGS["fineweb_gpt"]

@@ -140,3 +140,35 @@ def check_reference(run: RunRecord) -> Finding | None:
         evidence += "; another validation set moves the loss by a few hundredths"
     title = f"Against {reference.name}: {verdict(gap)} at {human_count(compared[-1].tokens)} tokens"
     return Finding("reference", False, title, evidence)
+
+
+# HellaSwag acc_norm of published models of GPT-2 124M's size, scored as build-nanogpt scores it
+# (evals/hellaswag.py): the sources are in docs/doctor.md.
+HELLASWAG_POINTS = (
+    ("OpenAI's GPT-2 124M", 0.2955),  # build-nanogpt's hellaswag.py on the released weights
+    ("GPT-3 Small (125M)", 0.337),  # the GPT-3 paper's zero-shot HellaSwag for its 125M model
+)
+CHANCE = 0.25  # four endings
+
+
+def check_hellaswag(run: RunRecord) -> Finding | None:
+    """The run's last HellaSwag acc_norm, beside the published points when the model is GPT-2 124M's size."""
+    points = run.points("eval/hellaswag_acc_norm")
+    if not points:
+        return None
+    last = points[-1]
+    where = run.where(last)
+    if reference_for(run) is None:
+        evidence = (
+            f"acc_norm {last.value:.4f} at {where} (chance is {CHANCE}); the published points are for 124M-parameter "
+            "models, so this model of another size is not compared with them"
+        )
+        return Finding("hellaswag", False, f"HellaSwag: {last.value:.4f}", evidence)
+    beside = "; ".join(f"{name} {value:.4f} ({last.value - value:+.4f})" for name, value in HELLASWAG_POINTS)
+    above = [name for name, value in HELLASWAG_POINTS if last.value >= value]
+    standing = f"at or above {above[-1]}" if above else f"below {HELLASWAG_POINTS[0][0]}"
+    evidence = (
+        f"acc_norm {last.value:.4f} at {where}, scored as build-nanogpt scores it (chance {CHANCE}); beside it: "
+        f"{beside}"
+    )
+    return Finding("hellaswag", False, f"HellaSwag {last.value:.4f}: {standing}", evidence)

@@ -31,6 +31,9 @@ def describe_run(run: RunRecord) -> list[str]:
         last, best = val[-1], min(val, key=lambda p: p.value)
         lowest = f"lowest {best.value:.4f} at step {best.step:,}"
         lines.append(f"| val loss | {last.value:.4f} at step {last.step:,} ({lowest}) |")
+    hellaswag = run.points("eval/hellaswag_acc_norm")
+    if hellaswag:
+        lines.append(f"| HellaSwag | acc_norm {hellaswag[-1].value:.4f} at step {hellaswag[-1].step:,} |")
     names = dict.fromkeys(str(run.get(key)) for key in ("hw_name", "device_name") if run.get(key))
     hardware = " ".join(quoted(name, 80) for name in names)
     if run.get("compile") is not None:

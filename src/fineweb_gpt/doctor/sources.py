@@ -5,6 +5,7 @@ import csv
 import re
 from pathlib import Path
 
+from fineweb_gpt.doctor.buildnanogpt_log import LOG_LINE, parse_buildnanogpt_log
 from fineweb_gpt.doctor.llmc_log import CONSOLE_STEP_LINE, MAIN_LOG_LINE, parse_llmc_log
 from fineweb_gpt.doctor.modded_log import STEP_LINE, parse_modded_log
 from fineweb_gpt.doctor.nanogpt_log import EVAL_LINE, ITER_LINE, parse_nanogpt_log
@@ -13,12 +14,18 @@ from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.run.names import METRICS_FILE
 from fineweb_gpt.run.run_files import read_metrics, read_summary
 
-FORMATS = ("run", "csv", "nanogpt", "llmc", "modded")
-LOG_PARSERS = {"nanogpt": parse_nanogpt_log, "llmc": parse_llmc_log, "modded": parse_modded_log}
+FORMATS = ("run", "csv", "nanogpt", "llmc", "modded", "buildnanogpt")
+LOG_PARSERS = {
+    "nanogpt": parse_nanogpt_log,
+    "llmc": parse_llmc_log,
+    "modded": parse_modded_log,
+    "buildnanogpt": parse_buildnanogpt_log,
+}
 SIGNATURES = {
     "nanogpt": (ITER_LINE, EVAL_LINE),
     "llmc": (MAIN_LOG_LINE, CONSOLE_STEP_LINE),
     "modded": (STEP_LINE,),
+    "buildnanogpt": (LOG_LINE,),
 }
 MAX_LOG_BYTES = 512 * 2**20
 # Colour and cursor codes (CSI and OSC sequences), as a terminal or tee leaves them in a log.
@@ -92,7 +99,8 @@ def read_run(path: Path, format: str | None = None) -> RunRecord:
     if format is None:
         raise ConfigError(
             f"{path} has no lines of a known training log (nanoGPT 'iter N: loss', llm.c 's:N trl:' or "
-            "'step N/T | loss', modded-nanogpt 'step:N/T val_loss:'); give one, or --format to force one"
+            "'step N/T | loss', modded-nanogpt 'step:N/T val_loss:', build-nanogpt 'N val L'); give one, or "
+            "--format to force one"
         )
     record = LOG_PARSERS[format](lines, str(path))
     return RunRecord(sanitized(record.summary), record.rows)

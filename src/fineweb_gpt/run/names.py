@@ -7,6 +7,7 @@ LAST = "last.ckpt"  # the link to the newest checkpoint, inside CHECKPOINTS
 LAST_CHECKPOINT = Path(CHECKPOINTS) / LAST
 SUMMARY_FILE = "run_summary.json"  # the plan printed at start
 RESULT_FILE = "result.json"  # how the run ended
+SAMPLES_FILE = "samples.jsonl"  # text from a fixed prompt at each HellaSwag evaluation (evals/in_training.py)
 METRICS_FILE = Path("csv") / "metrics.csv"  # every metric at every optimizer step
 HYDRA_DIR = ".hydra"  # Hydra's record of the run: config.yaml, hydra.yaml, overrides.yaml
 HYDRA_CONFIG = Path(HYDRA_DIR) / "config.yaml"

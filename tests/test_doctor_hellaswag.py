@@ -6,7 +6,7 @@ import math
 from doctor_fixtures import metric_rows, run_summary, write_run_folder
 from fineweb_gpt.doctor.cli import main
 from fineweb_gpt.doctor.sources import read_run
-from fineweb_gpt.flops import param_count
+from fineweb_gpt.flops import gpt2_shaped, parameter_count
 
 
 def build_nanogpt_log(steps: int, eval_every: int) -> str:
@@ -27,7 +27,7 @@ def test_build_nanogpt_log_is_read_with_its_settings_and_hellaswag(tmp_path, cap
     log.write_text(build_nanogpt_log(steps=1000, eval_every=250))
     run = read_run(log)
     assert run.source == "buildnanogpt" and run.get("tokens_per_step") == 524_288
-    assert run.num_params == param_count(12, 768, 50304, bias=True)
+    assert run.num_params == parameter_count(gpt2_shaped(12, 768, 50304, bias=True))
     assert [p.step for p in run.points("val/loss")] == [0, 250, 500, 750, 999]
     hella = run.points("eval/hellaswag_acc_norm")
     assert [(p.step, p.value) for p in hella][-1] == (999, 0.2995)

@@ -10,7 +10,7 @@ import re
 
 from fineweb_gpt.doctor.record import RunRecord
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.flops import param_count
+from fineweb_gpt.flops import gpt2_shaped, parameter_count
 
 LOG_LINE = re.compile(r"^(\d{1,12}) (train|val|hella) (\S+)$")
 COLUMNS = {"train": "train/loss", "val": "val/loss", "hella": "eval/hellaswag_acc_norm"}
@@ -37,7 +37,7 @@ def parse_buildnanogpt_log(lines: list[str], name: str) -> RunRecord:
         "source": "buildnanogpt",
         "model_name": "build-nanogpt GPT-2 124M",
         **DEFAULTS,
-        "num_params": param_count(12, 768, 50304, bias=True),
+        "num_params": parameter_count(gpt2_shaped(12, 768, 50304, bias=True)),
         "tokens_per_step": TOKENS_PER_STEP,
         "max_steps": MAX_STEPS,
         "decay_steps": MAX_STEPS,

@@ -564,12 +564,12 @@ def explicit_model_keys() -> tuple[set[str], str | None]:
     return keys, chosen
 
 
-def apply_init_from(model: dict, init_from: str) -> dict:
+def apply_init_from(model: dict, init_from: str, given: set[str] = frozenset(), chosen: str | None = None) -> dict:
     """The run's model settings under init_from: the folder's, with the command's dropout. A setting
-    the command gives (model.KEY=..., or through model=OPTION) that disagrees is refused in one line."""
+    the command gives (`given`: its model.KEY=... keys; `chosen`: its model=OPTION) that disagrees is
+    refused in one line."""
     folder = hub_or_folder(init_from, ["config.json", OUR_FILE])
     settings = settings_from_folder(folder, init_from)
-    given, chosen = explicit_model_keys()
     checked = set(ARCHITECTURE_KEYS) if chosen is not None else given & set(ARCHITECTURE_KEYS)
     for key in sorted(checked):
         if key in settings and model.get(key) != settings[key]:
@@ -593,7 +593,7 @@ def use_init_from(cfg) -> dict:
         return choices
     require_hf_extra(f"init_from={cfg.init_from}")
     with open_dict(cfg):
-        cfg.model = apply_init_from(OmegaConf.to_container(cfg.model), str(cfg.init_from))
+        cfg.model = apply_init_from(OmegaConf.to_container(cfg.model), str(cfg.init_from), *explicit_model_keys())
     return {**choices, "model": f"init_from={cfg.init_from}"}
 
 

@@ -264,6 +264,25 @@ class SignalAtStep(L.Callback):
                 os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
+class SignalDuringEvaluation(L.Callback):
+    """Sends this process (or its process group) a signal part way through the evaluation of step
+    `step` (0: the one before the first step), once: a kill -9 or a stop signal during an evaluation."""
+
+    def __init__(self, step: int, signal_name: str = "SIGKILL", process_group: bool = False):
+        self.step, self.signal_name, self.process_group, self.sent = step, signal_name, process_group, False
+
+    def on_validation_batch_end(self, trainer, pl_module, *args, **kwargs):
+        import signal
+
+        if self.sent or trainer.global_step != self.step:
+            return
+        self.sent = True
+        if self.process_group:
+            os.killpg(os.getpgid(0), getattr(signal, self.signal_name))
+        else:
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
 class PoisonWeights(L.Callback):
     """Makes the loss non-finite from the step after `step`: a planted NaN."""
 

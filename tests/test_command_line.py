@@ -76,6 +76,19 @@ def test_latest_names_the_newest_run_that_trained_and_refused_commands_leave_not
     assert (run / "REPORT.md").is_file() and latest.is_symlink()
 
 
+def test_a_run_folder_that_is_a_file_and_an_unresolvable_setting_are_one_line_and_leave_nothing(tmp_path):
+    # Tracebacks before; the unresolvable interpolation left its run folder (issue 28, item 11).
+    taken = tmp_path / "taken"
+    taken.write_text("mine\n")
+    run_dir = taken / "run"
+    refused = run_cli(*QUICK, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert_refused_in_one_line(refused, f"hydra.run.dir={run_dir}: {taken} is a file, not a folder; give another one")
+    assert taken.read_text() == "mine\n"
+    refused = run_cli(*QUICK, "data.text_column=${oc.env:NOPE}", cwd=tmp_path)
+    assert_refused_in_one_line(refused, "data.text_column cannot be resolved: Environment variable 'NOPE' not found")
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_a_smoke_test_of_40m_trains_with_one_warning_line(tmp_path):
     # `model=40m trainer.max_steps=1` as typed, with a batch and validation small enough for a CPU.
     smaller = ["hw.micro_batch_size=1", "total_batch_tokens=1024", "data.val_tokens=2048"]

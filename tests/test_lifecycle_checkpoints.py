@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,31 @@ def test_a_run_that_fills_its_disk_stops_in_one_line_and_keeps_what_it_saved(sma
     assert json.loads((run_dir / "result.json").read_text())["status"] == "failed"
     trained = [int(row["step"]) for row in read_metrics(run_dir / "csv" / "metrics.csv") if "train/loss" in row]
     assert trained == [1, 2, 3]  # step 3's row, logged before its save failed, is kept
+
+
+def test_a_disk_that_fills_right_after_the_last_save_ends_the_run_in_one_line(make_config, monkeypatch, capsys):
+    # The disk fills after the final checkpoint: not even result.json's temporary can be made.
+    # Before, an ENOSPC traceback (issue 28, item 11).
+    from fineweb_gpt.train import main
+
+    make_temporary = tempfile.mkstemp
+
+    def full_for_the_result(*args, **kwargs):
+        if kwargs.get("prefix", "").startswith(".result.json."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return make_temporary(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", full_for_the_result)
+    cfg = make_config(*SMALL, "trainer.max_steps=1", "val_every_steps=1")
+    with pytest.raises(SystemExit) as ended:
+        main(cfg)
+    assert ended.value.code == 2
+    run_dir = Path(cfg.run_dir)
+    assert capsys.readouterr().err == (
+        f"error: No space left on device writing {run_dir}/result.json: nothing of it is left, and the file "
+        "before it is whole; free space\n"
+    )
+    assert (run_dir / "checkpoints" / "step000001.ckpt").is_file() and not (run_dir / "result.json").exists()
 
 
 def test_resume_auto_refuses_when_checkpoints_exist_but_none_loads_and_writes_nothing(tmp_path):

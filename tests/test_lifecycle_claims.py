@@ -220,6 +220,68 @@ def test_a_resume_that_cannot_work_is_refused_on_the_command_line_before_anythin
     assert files(run_dir) == before  # run_summary.json, .hydra/*.yaml, result.json, csv, checkpoints
 
 
+def copy_of(trained: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the trained run folder, and the data.path it trained on."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained / "run", run_dir, symlinks=True)
+    return run_dir, f"data.path={trained / 'data' / '000_00000.parquet'}"
+
+
+def test_a_resume_refused_for_its_data_leaves_the_runs_record_as_it_was(tmp_path, trained):
+    # Before: exit 2 in one line, but .hydra/*.yaml then held the refused command (issue 28, item 5).
+    run_dir, _ = copy_of(trained, tmp_path)
+    before = files(run_dir)
+    missing = f"data.path={tmp_path / 'gone.parquet'}"
+    longer = ["trainer.max_steps=3", "resume=auto"]
+    result = run_cli(*RUN, "data=single_parquet", missing, *longer, f"hydra.run.dir={run_dir}", cwd=TESTS)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: data file {tmp_path / 'gone.parquet'} does not exist; check data.path / data.paths"
+    )
+    assert files(run_dir) == before
+
+
+def test_resuming_a_finished_run_says_it_is_complete_and_keeps_its_result(tmp_path, trained):
+    # Before: "Final val loss: n/a", and result.json's final_val_loss became null (issue 28 item
+    # 11, issue 30.6).
+    run_dir, data = copy_of(trained, tmp_path)
+    before = files(run_dir)
+    final = json.loads((run_dir / "result.json").read_text())["final_val_loss"]
+    result = run_cli(*RUN, "data=single_parquet", data, "resume=auto", f"hydra.run.dir={run_dir}", cwd=TESTS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        f"The run in {run_dir} is already complete: step 2 of 2, final val loss {final:.4f}; nothing to train"
+    ) in result.stdout
+    assert files(run_dir) == before  # its result, record, metrics and checkpoints
+
+
+@pytest.mark.parametrize("planted", ["train.log", "result.json"])
+def test_a_link_planted_where_a_run_writes_is_refused_before_anything_is_written(tmp_path, trained, planted):
+    # A copied run folder with links to files outside it, then resume=auto. Before: the outside
+    # log was appended to, and a result.json link gave a traceback once training was over.
+    run_dir, data = copy_of(trained, tmp_path)
+    outside = tmp_path / "outside"
+    outside.write_text("mine\n")
+    (run_dir / planted).unlink(missing_ok=True)
+    (run_dir / planted).symlink_to(outside)
+    before = files(run_dir)
+    longer = ["trainer.max_steps=3", "resume=auto"]
+    result = run_cli(*RUN, "data=single_parquet", data, *longer, f"hydra.run.dir={run_dir}", cwd=TESTS)
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    if planted == "train.log":
+        assert line == (
+            f"error: the run's log {run_dir / 'train.log'} is a link (to {outside}); fineweb_gpt never writes "
+            "through a link: delete it, or give another hydra.run.dir"
+        )
+    else:
+        assert line == (
+            f"error: {run_dir / 'result.json'} is a link (to {outside}); fineweb_gpt never writes through a link: "
+            "delete the link, or give another path"
+        )
+    assert outside.read_text() == "mine\n" and files(run_dir) == before
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -254,6 +316,7 @@ def test_a_resume_with_changed_data_batch_seed_and_rate_is_warned_and_takes_the_
     shutil.copy(trained / "data" / "000_00000.parquet", moved)
     old_lr = json.loads((run_dir / "run_summary.json").read_text())["lr"]
     changed = ["data=single_parquet", f"data.path={moved}", "total_batch_tokens=512", "seed=7", "optim.lr=1e-3"]
+    changed += ["val_every_steps=4"]  # before, not named: only a hand-kept list of settings was compared
     result = run_cli(*RUN, *changed, "trainer.max_steps=4", "resume=auto", f"hydra.run.dir={run_dir}", cwd=TESTS)
     assert result.returncode == 0, result.stderr[-3000:]
     warning = next(line for line in result.stdout.splitlines() if "settings that differ" in line)
@@ -263,6 +326,7 @@ def test_a_resume_with_changed_data_batch_seed_and_rate_is_warned_and_takes_the_
         "seed 1337 -> 7",
         "trainer.max_steps 2 -> 4",
         f"data.path {trained / 'data' / '000_00000.parquet'} -> {moved}",
+        "val_every_steps 2 -> 4",
     ):
         assert difference in warning
     assert "documents of the current epoch may be skipped or seen twice" in warning

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shlex
 import shutil
 import stat
 from pathlib import Path
@@ -66,6 +67,25 @@ def uninterrupted(uninterrupted_folder) -> dict[int, dict]:
     return {step: logged[0] for step, logged in rows.items()}
 
 
+DETERMINISTIC = ("step", *PER_STEP, "val/loss", "data/epoch")  # not the timings
+
+
+def record(run_dir: Path) -> list[dict]:
+    """Every row of the run's CSV record, in order: its deterministic values and any health/ column."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [
+            {key: value for key, value in row.items() if key in DETERMINISTIC or key.startswith("health/")}
+            for row in csv.DictReader(f)
+        ]
+
+
+def follow_resume_command(output: str, env: dict | None = None):
+    """Run the command the stop message says resumes the run, as a user pastes it."""
+    command = shlex.split(output.split("resume with: ")[1].splitlines()[0])
+    assert command[:3] == ["python", "-m", "fineweb_gpt.train"]
+    return train_cli(*command[3:], env=env)
+
+
 def assert_continues_exactly(run_dir: Path, uninterrupted: dict[int, dict]) -> None:
     rows = per_step_rows(run_dir)
     assert sorted(rows) == list(range(1, 11))
@@ -114,6 +134,21 @@ def test_a_copied_run_folder_resumes_into_its_own_files(tmp_path, uninterrupted_
     assert "trainer.max_steps 10 -> 12" in longer.stdout  # warned: the schedule is stretched from step 10
     assert_newest_two_kept(copy / "checkpoints", [10, 12])
     assert {path: path.stat().st_mtime_ns for path in uninterrupted_folder.rglob("*")} == original
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_evaluation_then_resume_records_what_the_uninterrupted_run_did(tmp_path, uninterrupted_folder):
+    # The step-5 checkpoint is saved before step 5's evaluation; killed during that evaluation,
+    # the run resumed after step 5 and the evaluation was lost for good (issue 28, item 2).
+    run_dir = tmp_path / "run"
+    at_5 = ["callbacks.model_checkpoint.every_n_train_steps=5"]
+    kill = ["+callbacks.kill._target_=helpers.SignalDuringEvaluation", "+callbacks.kill.step=5"]
+    killed = train_cli(*RUN, *at_5, *kill, f"hydra.run.dir={run_dir}")
+    assert killed.returncode == -9
+    assert saved_step(run_dir) == 5
+    resumed = train_cli(*RUN, *at_5, "resume=auto", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert record(run_dir) == record(uninterrupted_folder)  # row by row: evaluations and health rows too
 
 
 @pytest.mark.slow
@@ -175,22 +210,60 @@ def signal_mid_step(signal_name: str, after_step: int, times: int = 1) -> list[s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
-def test_a_stop_signal_saves_at_the_end_of_the_step_and_exits_cleanly(tmp_path, uninterrupted, signal_name):
-    # SIGTERM (SLURM's preemption and end of job) and SIGINT (Ctrl-C) part way through step 4.
+@pytest.mark.parametrize("signal_name, stopped_at", [("SIGTERM", 10), ("SIGINT", 5)])
+def test_a_stop_signal_saves_at_the_end_of_the_step_and_the_printed_command_resumes_it(
+    tmp_path, uninterrupted_folder, signal_name, stopped_at
+):
+    # SIGTERM (SLURM's preemption and end of job) and SIGINT (Ctrl-C) part way through a step
+    # the run evaluates: the middle one, and the last.
     run_dir = tmp_path / "run"
-    stopped = train_cli(*RUN, *signal_mid_step(signal_name, after_step=3), f"hydra.run.dir={run_dir}")
+    once = [f"+callbacks.stop.once_file={tmp_path / 'sent'}"]  # the resumed run is not signalled again
+    stop = [*signal_mid_step(signal_name, after_step=stopped_at - 1), *once]
+    stopped = train_cli(*RUN, *stop, f"hydra.run.dir={run_dir}")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert f"Stopped by {signal_name} at step 4 of 10" in stopped.stdout + stopped.stderr
-    # Saved at the end of the step it was in, not at the last periodic save (2) nor part way.
-    assert saved_step(run_dir) == 4
+    output = stopped.stdout + stopped.stderr
+    assert f"Stopped by {signal_name} at step {stopped_at} of 10, saved {run_dir}/checkpoints/" in output
+    # Saved at the end of the step it was in, not at the last periodic save nor part way, and
+    # without that step's evaluation (before, the stop made Lightning evaluate: time SLURM's
+    # grace period does not have, and at any step); it is the resumed run's first work.
+    assert saved_step(run_dir) == stopped_at
+    assert [row["step"] for row in record(run_dir) if row["val/loss"]] == ["0", "5"][: 1 + (stopped_at > 5)]
     # A sweep's table must not count it as finished.
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["status"] == "stopped" and "at step 4 of 10" in result["error"] and "resume=auto" in result["error"]
-    resumed = train_cli(*RUN, "resume=auto", f"hydra.run.dir={run_dir}")
+    assert result["status"] == "stopped" and f"at step {stopped_at} of 10" in result["error"]
+    # The printed command keeps the run's own settings (before: resume=auto alone, which went
+    # back to the defaults without a word).
+    resumed = follow_resume_command(output)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_continues_exactly(run_dir, uninterrupted)
+    assert "settings that differ" not in resumed.stdout + resumed.stderr
+    assert record(run_dir) == record(uninterrupted_folder)
     assert json.loads((run_dir / "result.json").read_text())["status"] == "completed"
+    assert_newest_two_kept(run_dir / "checkpoints", [8, 10])
+
+
+@pytest.mark.parametrize(
+    "signal_name, when",
+    [
+        ("SIGTERM", ["+callbacks.stop._target_=helpers.SignalDuringEvaluation", "+callbacks.stop.step=0"]),
+        ("SIGINT", ["+callbacks.stop._target_=helpers.SignalAtStep", "+callbacks.stop.step=0"]),
+    ],
+    ids=["SIGTERM during the step-0 evaluation", "Ctrl-C after the first micro-batch"],
+)
+def test_a_stop_signal_before_the_first_step_finished_stops_at_once(tmp_path, signal_name, when):
+    # Before: SIGTERM during the step-0 evaluation exited 0 with no word and no result.json;
+    # Ctrl-C during the first step waited for the step (minutes, compiled, on a big batch), then
+    # evaluated, and outputs/latest named a folder without checkpoints (issue 28 item 11, 30.2).
+    run_dir = tmp_path / "outputs" / "run"
+    stop = [*when, f"+callbacks.stop.signal_name={signal_name}", "+callbacks.stop.process_group=true"]
+    stopped = run_cli(*RUN, *stop, f"hydra.run.dir={run_dir}", cwd=tmp_path, own_process_group=True, env=ONE_THREAD)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    output = stopped.stdout + stopped.stderr
+    assert f"Stopped by {signal_name} at step 0 of 10, before a step finished, nothing to save; resume with: " in output
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "stopped"
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+    if (run_dir / "csv").exists():
+        assert not any(row.get("train/loss") for row in record(run_dir))  # no step was trained
+    assert not os.path.lexists(tmp_path / "outputs" / "latest")
 
 
 @pytest.mark.slow
@@ -309,6 +382,28 @@ def test_a_skipped_spike_leaves_the_weights_alone(caplog):
         (["val_every_steps=0"], "val_every_steps=0 must be a whole number at least 1"),
         (["resume=yes"], "resume=yes is not known"),
         (["ckpt_path=/nowhere/last.ckpt"], "ckpt_path=/nowhere/last.ckpt does not exist"),
+        # Tracebacks before (issue 28, item 11):
+        (
+            ["callbacks.model_checkpoint.every_n_train_steps=-1"],
+            "callbacks.model_checkpoint.every_n_train_steps=-1 must be a whole number at least 0, or null",
+        ),
+        (
+            ["callbacks.model_checkpoint.every_n_train_steps=abc"],
+            "callbacks.model_checkpoint.every_n_train_steps=abc must be a whole number at least 0, or null",
+        ),
+        (
+            ["callbacks.model_checkpoint.save_top_k=-5"],
+            "callbacks.model_checkpoint.save_top_k=-5 must be a whole number at least 0, or -1",
+        ),
+        (
+            ["callbacks.model_checkpoint.dirpath=/proc/self"],
+            "callbacks.model_checkpoint.dirpath=/proc/self: no file can be made in /proc/self (",
+        ),
+        (["data.text_column=${oc.env:NOPE}"], "data.text_column cannot be resolved: Environment variable 'NOPE' not"),
+        (
+            ["hw.micro_batch_size=100000000", "total_batch_tokens=3200000000"],
+            "a training step needs about ",
+        ),
     ],
 )
 def test_bad_configuration_is_refused_before_any_data_is_read(make_config, overrides, message):

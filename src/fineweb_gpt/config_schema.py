@@ -178,6 +178,9 @@ ALLOWED = {
     "trainer.max_steps": Whole(1, also=(-1,)),
     "trainer.log_every_n_steps": Whole(1, also=(None,)),
     "trainer.gradient_clip_val": Number(at_least=0, also=(None,)),
+    "callbacks.model_checkpoint.every_n_train_steps": Whole(0, also=(None,)),
+    "callbacks.model_checkpoint.every_n_minutes": Number(above=0, also=(None,)),
+    "callbacks.model_checkpoint.save_top_k": Whole(0, also=(-1,)),
     "trainer.num_sanity_val_steps": OneOf(
         None,
         0,

@@ -31,6 +31,11 @@ PRIVATE_MEMBERS = [
     ("lightning.pytorch.callbacks.ModelCheckpoint", "_train_time_interval", "StepCheckpoint sets every_n_minutes"),
     ("lightning.pytorch.callbacks.ModelCheckpoint", "_last_global_step_saved", "StepCheckpoint.saved_this_step"),
     ("lightning.pytorch.loggers.WandbLogger", "_wandb_init", "loggers.WandbLogger drops the `anonymous` argument"),
+    (
+        "lightning.pytorch.loops.evaluation_loop._EvaluationLoop",
+        "run",
+        "EvaluationSchedule runs a resumed run's pending evaluation (evaluate_now), as the fit loop runs one",
+    ),
 ]
 # Our overrides of private methods, which must take what Lightning passes.
 OVERRIDDEN = [
@@ -57,3 +62,13 @@ def stop_broadcasting_sigterm_every_micro_batch(trainer: L.Trainer) -> None:
             "fineweb_gpt is tested with the lightning range in its pyproject.toml"
         )
     epoch_loop._broadcast_sigterm_tensor = lambda: None
+
+
+def evaluate_now(trainer: L.Trainer) -> None:
+    """Run the fit's evaluation now, as Lightning's training loop does between two steps (from a
+    callback's on_train_start: a resumed run's pending evaluation, before its first step)."""
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    val_loop.restarting = False  # a whole evaluation, not the rest of one restored from the checkpoint
+    trainer.validating = True
+    val_loop.run()
+    trainer.training = True

@@ -2,6 +2,7 @@
 (never waiting for a login, plotting against tokens seen)."""
 
 import csv
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from fineweb_gpt.safe_files import AtomicFile, check_target
 
 log = logging.getLogger("fineweb_gpt")
 TOKENS_SEEN = "data/tokens_seen"  # the x-axis W&B plots every metric against
+CSV_ROWS = "csv_rows"  # in a checkpoint: the rows metrics.csv held when it was saved
 
 
 class AppendingCSVLogger(Logger):
@@ -27,17 +29,29 @@ class AppendingCSVLogger(Logger):
     Lightning's CSVLogger rewrites the file in place when a column appears (a kill or a full
     disk at that moment leaves it empty) and deletes a reused folder's file. Here rows are only
     appended; a new column, or the first write of a resumed run, replaces the file atomically.
-    A run resuming from step S first drops the rows logged after S (those steps are trained
-    again), so each step is in the file once; a fresh run in the same folder starts a new file.
+    A run resuming from a checkpoint first puts the file back as it was when that checkpoint was
+    saved: the rows logged after it (steps trained again, an evaluation run again) go, so the
+    resumed run's record is the uninterrupted one's. The checkpoint says how many rows the file
+    held (RememberLoggers); an older one only its step S, and the rows logged after S go. A fresh
+    run in the same folder starts a new file.
     """
 
-    def __init__(self, save_dir: str, name: str = "csv", resume_step: int | None = None, flush_logs_every_n_steps=1):
+    def __init__(
+        self,
+        save_dir: str,
+        name: str = "csv",
+        resume_step: int | None = None,
+        resume_rows: int | None = None,
+        flush_logs_every_n_steps=1,
+    ):
         super().__init__()
         self._save_dir, self._name = str(save_dir), name
         self.resume_step = resume_step  # None: a fresh run
+        self.resume_rows = resume_rows  # rows the file held when the resumed checkpoint was saved
         self.flush_every = max(1, int(flush_logs_every_n_steps))
         self.columns: list[str] | None = None  # the file's header, once this run has written to it
         self.pending: list[dict] = []
+        self.rows = 0  # rows in the file once the pending ones are written
 
     @property
     def name(self) -> str:
@@ -67,6 +81,7 @@ class AppendingCSVLogger(Logger):
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         values = {key: value.item() if hasattr(value, "item") else value for key, value in metrics.items()}
         self.pending.append({"step": step, **values})
+        self.rows += 1
         if len(self.pending) >= self.flush_every:
             self.save()
 
@@ -89,8 +104,8 @@ class AppendingCSVLogger(Logger):
         self.save()
 
     def start(self) -> None:
-        """This run's first write: the file's rows up to the resumed step (none for a fresh run),
-        its columns and the new ones, then the new rows, replacing the file at once."""
+        """This run's first write: the file's rows as the resumed checkpoint left them (none for a
+        fresh run), its columns and the new ones, then the new rows, replacing the file at once."""
         folder = Path(self.log_dir)
         folder.mkdir(parents=True, exist_ok=True)
         check_target(folder, self.path.name)  # never write through a planted link
@@ -99,18 +114,34 @@ class AppendingCSVLogger(Logger):
         resuming = self.resume_step is not None
         header = (read_header(self.path) if resuming else []) or ["step"]
         new = sorted({key for row in self.pending for key in row} - set(header))
-        self.rewrite(header + new, keep_up_to=self.resume_step if resuming else float("-inf"))
+        if resuming:
+            self.rewrite(header + new, keep_up_to=self.resume_step, keep_first=self.resume_rows)
+        else:
+            self.rewrite(header + new, keep_first=0)
 
-    def rewrite(self, columns: list[str], keep_up_to: float = float("inf")) -> None:
-        """Replace the file with its rows up to step `keep_up_to` under `columns`, then the
-        pending rows, through safe_files: a kill or a full disk at any moment leaves the old file
-        or the new one, whole."""
+    def rewrite(self, columns: list[str], keep_up_to: float = float("inf"), keep_first: int | None = None) -> None:
+        """Replace the file with its first `keep_first` rows (all: None) that are up to step
+        `keep_up_to`, under `columns`, then the pending rows, through safe_files: a kill or a full
+        disk at any moment leaves the old file or the new one, whole."""
+        kept = kept_rows(self.path, keep_first, keep_up_to)
         with AtomicFile(self.path, "w") as file:
             writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(row for row in read_rows(self.path) if row_step(row) <= keep_up_to)
+            writer.writerows(kept)
             writer.writerows(self.pending)
         self.columns = columns
+        self.rows = len(kept) + len(self.pending)
+
+    def rows_before_resume(self) -> list[dict]:
+        """The rows of the run before the resumed checkpoint, as start() keeps them ([] for a fresh run)."""
+        if self.resume_step is None:
+            return []
+        return kept_rows(self.path, self.resume_rows, self.resume_step)
+
+
+def kept_rows(path: Path, keep_first: int | None, keep_up_to: float) -> list[dict]:
+    """The file's first `keep_first` rows (all: None) that are up to step `keep_up_to`."""
+    return [row for row in itertools.islice(read_rows(path), keep_first) if row_step(row) <= keep_up_to]
 
 
 def read_header(path: Path) -> list[str]:
@@ -167,13 +198,17 @@ class WandbLogger(LightningWandbLogger):
         super().log_metrics(metrics, step)
 
 
-class RememberWandbRun(L.Callback):
-    """Puts the W&B run's id in every checkpoint, so that a resumed run continues the same W&B run."""
+class RememberLoggers(L.Callback):
+    """Puts in every checkpoint what the loggers need to go on from it: how many rows metrics.csv
+    held (a resumed run puts the file back as it was then) and the W&B run's id (a resumed run
+    continues the same W&B run)."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, LightningWandbLogger):
                 checkpoint["wandb_run_id"] = logger.version
+            if isinstance(logger, AppendingCSVLogger):
+                checkpoint[CSV_ROWS] = logger.rows
 
 
 def wandb_settings(node: DictConfig, offline: bool, run_dir: str, resume_run_id: str | None, sweep) -> dict:
@@ -203,6 +238,7 @@ def build_loggers(logger_config: DictConfig | None, run_dir: str, resumed_from: 
     checkpoint a resumed run starts from."""
     logger_config = logger_config or DictConfig({})
     resume_step = resumed_from["global_step"] if resumed_from else None
+    resume_rows = resumed_from.get(CSV_ROWS) if resumed_from else None
     loggers = []
     for node in logger_config.values():
         if not isinstance(node, DictConfig) or "_target_" not in node:
@@ -212,10 +248,10 @@ def build_loggers(logger_config: DictConfig | None, run_dir: str, resumed_from: 
             offline = bool(logger_config.get("offline") or node.get("offline"))
             extra = wandb_settings(node, offline, run_dir, wandb_run_id(resumed_from), sweep)
         elif node._target_ == f"{__name__}.AppendingCSVLogger":
-            extra = {"resume_step": resume_step}
+            extra = {"resume_step": resume_step, "resume_rows": resume_rows}
         loggers.append(instantiate(node, **extra))
     if not any(isinstance(logger, AppendingCSVLogger) for logger in loggers):
-        loggers.insert(0, AppendingCSVLogger(run_dir, resume_step=resume_step))
+        loggers.insert(0, AppendingCSVLogger(run_dir, resume_step=resume_step, resume_rows=resume_rows))
     return loggers
 
 

@@ -7,16 +7,19 @@ static part."""
 import logging
 import math
 import os
+import re
 import shutil
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fineweb_gpt.config_schema import check_values, typed
 from fineweb_gpt.data.settings import check_data_config
+from fineweb_gpt.doctor.memory import training_memory
 from fineweb_gpt.errors import ConfigError, OutOfMemory
 from fineweb_gpt.evals.in_training import hellaswag_interval
 from fineweb_gpt.flops import chinchilla_tokens, gpu_for_device, human_count, model_flops_per_token, parameter_count
@@ -32,6 +35,13 @@ LIGHTNING_FSDP = "lightning.pytorch.strategies.FSDPStrategy"
 
 def check_config(cfg: DictConfig, hw_name: str) -> None:
     """Refuse a run that cannot work before any data is read."""
+    try:  # every ${...} of the config, before anything uses one
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        # The message's first line, without the name of the error a resolver raised (oc.env's KeyError).
+        reason = str(getattr(err, "msg", None) or err).split("\n")[0]
+        reason = re.sub(r'^\w+ raised while resolving interpolation: "?(.*?)"?$', r"\1", reason)
+        raise ConfigError(f"{getattr(err, 'full_key', None) or 'the config'} cannot be resolved: {reason}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(
@@ -253,7 +263,26 @@ def plan_run(cfg: DictConfig, choices: dict) -> dict:
         cfg.total_batch_tokens, cfg.hw.micro_batch_size, cfg.data.block_size, world_size
     )
     config = model_config(cfg.model)
+    check_memory(config, cfg.hw.micro_batch_size, cfg.data.block_size, bool(cfg.hw.compile), cfg.trainer.accelerator)
     return run_plan(cfg, config, parameter_count(config), choices, world_size, accumulation)
+
+
+def check_memory(config: GPTConfig, micro_batch: int, block_size: int, compiled: bool, accelerator: str) -> None:
+    """Refuse a micro-batch that the memory plan (doctor/memory.py) puts at more than twice the
+    device's memory (the GPU's, or on the CPU the machine's): it could never run, and on the CPU it
+    would take memory until the machine gives out. Closer calls are left to a real out-of-memory."""
+    need = training_memory(replace(config, block_size=block_size), micro_batch, compiled)
+    if torch.cuda.is_available() and not on_cpu(accelerator):
+        have, device = torch.cuda.get_device_properties(0).total_memory / 2**30, "this GPU's memory"
+    else:
+        have, device = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, "this machine's memory"
+    if need.gib > 2 * have:
+        sizes = f"model.n_layer={config.n_layer}, model.n_embd={config.n_embd}, model.vocab_size={config.vocab_size}"
+        raise ConfigError(
+            f"a training step needs about {need.describe()} at hw.micro_batch_size={micro_batch} ({sizes}, "
+            f"data.block_size={block_size}), more than twice {device} ({have:.0f} GiB); lower hw.micro_batch_size "
+            "or the model (fineweb-gpt-doctor --plan gives a micro-batch that fits)"
+        )
 
 
 def run_plan(

@@ -8,11 +8,18 @@ one, whole, under the name; a write that fails removes its temporary, and one th
 leaves `.<name>.<random>.tmp` beside it, which the next run in a run folder removes. A name that
 is already a link is refused (a planted `run_summary.json -> ~/.bashrc` stays untouched), and a
 rename replaces whatever is at the name instead of writing through it.
+
+The one file appended to rather than replaced, a run's log (Hydra's `<job>.log`), is opened by
+LogFileHandler: never through a link, and only if it is a regular file. Every file a command
+reads that a user or a run folder names is checked by regular_file first: a named pipe, a
+device or a socket would make the reader wait for ever (or read without end).
 """
 
 import errno
+import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -41,6 +48,51 @@ def check_target(folder: Path, name: str) -> Path:
     return target
 
 
+# What a path is, when it is not a regular file, by the kind its mode says.
+KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+class NotARegularFile(ConfigError):
+    """A path that exists but is a named pipe, a device, a socket or a folder."""
+
+
+def kind_of(mode: int) -> str:
+    return next((name for is_kind, name in KINDS if is_kind(mode)), "not a regular file")
+
+
+def regular_file(path: str | Path, fix: str, name: str | None = None) -> Path:
+    """`path` if it is a regular file (or a link to one), checked before anything opens it; else a
+    one-line ConfigError saying what it is (NotARegularFile) or that it does not exist, then `fix`.
+    `name`: how the message names it (ckpt=<path>), the path itself by default."""
+    path = Path(path)
+    name = name or str(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"{name} does not exist; {fix}") from None
+    except OSError as err:
+        raise ConfigError(f"{name} cannot be read ({err.strerror}); {fix}") from None
+    if stat.S_ISDIR(mode):
+        raise NotARegularFile(f"{name} is a folder; {fix}")
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(f"{name} is not a regular file ({kind_of(mode)}); {fix}")
+    return path
+
+
+def is_regular_file(path: str | Path) -> bool:
+    """True for a regular file or a link to one; False for anything else, missing or unreadable."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 class AtomicFile:
     """A file written beside `path` and put in place by commit(); discard() (or an exception
     inside `with`) removes it. For writers that stream (token shards); write_atomically is the
@@ -50,9 +102,15 @@ class AtomicFile:
         self.path = Path(path)
         check_target(self.path.parent, self.path.name)
         self.folder = self.path.parent.resolve()
-        descriptor, self.temporary = tempfile.mkstemp(
-            dir=self.folder, prefix=f".{self.path.name}.", suffix=TEMPORARY_SUFFIX
-        )
+        try:
+            descriptor, self.temporary = tempfile.mkstemp(
+                dir=self.folder, prefix=f".{self.path.name}.", suffix=TEMPORARY_SUFFIX
+            )
+        except OSError as err:  # a disk too full for even a new name
+            full = disk_full_error(err, self.path)
+            if full is not None:
+                raise full from err
+            raise
         self.file = os.fdopen(descriptor, mode, **({} if "b" in mode else {"newline": ""}))
 
     def commit(self) -> Path:
@@ -125,6 +183,54 @@ def replace_folder(staging: str | Path, target: str | Path) -> Path:
     if old is not None:
         shutil.rmtree(old)
     return target
+
+
+class LogFileHandler(logging.FileHandler):
+    """A log file appended to (hydra.job_logging's handler for `<job>.log`), opened only if it is a
+    regular file or new, never through a link. A run folder copied with a planted `train.log ->
+    ~/.bashrc` gets nothing written there: the handler writes nothing and keeps the refusal, which
+    the command reports in one line before it does anything else (refused_log_files)."""
+
+    def __init__(self, filename, mode: str = "a", encoding=None, delay: bool = False, errors=None):
+        self.refusal: ConfigError | None = None
+        super().__init__(filename, mode, encoding, delay=True, errors=errors)
+        if not delay:
+            self.stream = self._open()
+
+    def _open(self):
+        path = Path(self.baseFilename)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            descriptor = os.open(path, flags, 0o644)
+        except OSError as err:  # a link (O_NOFOLLOW), a pipe without a reader (O_NONBLOCK), no permission
+            return self.refuse(path, os.lstat(path).st_mode if os.path.lexists(path) else None, err.strerror)
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(descriptor)
+            return self.refuse(path, mode, "")
+        os.set_blocking(descriptor, True)
+        return open(descriptor, "a", encoding=self.encoding, errors=self.errors)
+
+    def refuse(self, path: Path, mode: int | None, reason: str):
+        if mode is not None and stat.S_ISLNK(mode):
+            what = f"is a link (to {os.readlink(path)}); fineweb_gpt never writes through a link"
+        elif mode is not None and not stat.S_ISREG(mode):
+            what = f"is not a regular file ({kind_of(mode)}); fineweb_gpt writes only regular files"
+        else:
+            what = f"cannot be written ({reason})"
+        self.refusal = ConfigError(f"the run's log {path} {what}: delete it, or give another hydra.run.dir")
+        return open(os.devnull, "a")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.refusal is None:
+            super().emit(record)
+
+
+def refused_log_files() -> list[ConfigError]:
+    """The refusals of the log files this process was to append to (LogFileHandler)."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    handlers = [handler for logger in loggers for handler in getattr(logger, "handlers", [])]
+    return [h.refusal for h in handlers if isinstance(h, LogFileHandler) and h.refusal is not None]
 
 
 def replace_with_link(link: Path, target: str) -> None:

@@ -119,11 +119,24 @@ def as_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP's CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@")
+
+
+def csv_cell(value):
+    """A text from a run folder as one inert spreadsheet cell: one line, and a leading quote
+    before a text a spreadsheet would run as a formula (a run folder named =cmd|' -C calc'!A0)."""
+    if not isinstance(value, str):
+        return value
+    text = one_line_text(value, 2000)
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
+
+
 def as_csv(rows: list[dict]) -> str:
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows([{k: one_line_text(v, 2000) if isinstance(v, str) else v for k, v in r.items()} for r in rows])
+    writer.writerows([{key: csv_cell(value) for key, value in row.items()} for row in rows])
     return text.getvalue()
 
 

@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 from fineweb_gpt.data.holdout import document_keys, is_validation_document
 from fineweb_gpt.data.hub_files import download_hub_files
-from fineweb_gpt.data.parquet_files import ParquetInfo, expand_paths, inspect_parquet, reading
+from fineweb_gpt.data.parquet_files import ParquetInfo, estimate_train_tokens, expand_paths, inspect_parquet, reading
 from fineweb_gpt.data.token_shards import TOKEN_DTYPE, ShardWriter
 from fineweb_gpt.data.tokens import tokenize_documents
 from fineweb_gpt.errors import ConfigError, UserError, exit_with
 
 MAX_SHARD_TOKENS = 2**31 - 1  # the header's count is an int32
+MAX_SHARDS = 10_000  # training shards one command writes
 
 
 def tokenize_row_group(info: ParquetInfo, group: int, text_column: str, val_fraction: float):
@@ -113,6 +114,19 @@ def tokenize_files(infos, out: Path, text_column: str, val_fraction: float, shar
     return train.written, val.close(), train_tokens, held_out
 
 
+def check_shard_count(infos: list[ParquetInfo], args: argparse.Namespace) -> None:
+    """Refuse a --shard-tokens that would write more than MAX_SHARDS files, from the size the
+    inputs are estimated to hold (training reads shards of millions of tokens each)."""
+    tokens = estimate_train_tokens(infos, args.text_column, args.val_fraction)
+    shards = -(-tokens // args.shard_tokens)
+    if shards > MAX_SHARDS:
+        smallest = -(-tokens // MAX_SHARDS)
+        raise ConfigError(
+            f"--shard-tokens {args.shard_tokens} would write about {shards:,} shard files (the inputs hold about "
+            f"{tokens:,} training tokens); give --shard-tokens {smallest} or more (the default, 100000000, is llm.c's)"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="fineweb-gpt-tokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -143,8 +157,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.hf_repo:
             files += download_hub_files(args.hf_repo, args.hf_files, args.cache_dir)
         infos = [inspect_parquet(f, args.text_column) for f in files]
+        if os.path.lexists(args.out) and not args.out.is_dir():
+            raise ConfigError(f"--out {args.out} exists and is not a folder; choose a new or empty --out folder")
         if args.out.exists() and any(args.out.glob("*.bin")):
             raise ConfigError(f"{args.out} already holds .bin shards; choose a new or empty --out folder")
+        check_shard_count(infos, args)
         args.out.mkdir(parents=True, exist_ok=True)
         workers = max(1, min(args.workers, sum(len(i.row_group_rows) for i in infos)))
         shards, val, train_tokens, val_tokens = tokenize_files(

@@ -30,7 +30,7 @@ from fineweb_gpt.data.parquet_files import (
 from fineweb_gpt.data.parquet_stream import TokenWindowStream
 from fineweb_gpt.data.ranks_and_workers import TrainStream
 from fineweb_gpt.data.settings import DataSettings
-from fineweb_gpt.data.token_shards import TokenShardStream, memmap_tokens, read_token_count
+from fineweb_gpt.data.token_shards import TokenShardStream, check_token_ids, memmap_tokens, read_token_count
 from fineweb_gpt.data.tokens import PackedWindows
 from fineweb_gpt.errors import ConfigError
 
@@ -102,7 +102,7 @@ class StreamDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         # The same windows in the same order at every evaluation.
-        return make_loader(self.val_windows, batch_size=self.micro_batch_size)
+        return make_loader(self.val_windows, batch_size=self.micro_batch_size, evaluation=True)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         # Called for the batch about to be trained on (not for batches prefetched ahead of
@@ -223,8 +223,8 @@ class HubStreamDataModule(StreamDataModule):
 
     def open_source(self) -> None:
         s = self.settings
-        self.stream, self.key_column = open_hub_dataset(**self.source, text_column=s.text_column)
         self.files = local_parquet_files(self.source["dataset"], self.source["data_files"], self.source["split"])
+        self.stream, self.key_column = open_hub_dataset(**self.source, text_column=s.text_column)
         if self.files:  # token counts are known (estimated) for local files only
             infos = [inspect_parquet(f, s.text_column) for f in self.files]
             self.unique_train_tokens = estimate_train_tokens(infos, s.text_column, s.val_fraction)
@@ -296,7 +296,9 @@ class TokenShardDataModule(StreamDataModule):
     def validation_tokens(self, wanted: int) -> np.ndarray:
         parts, total = [], 0
         for path, count in self.val_shards:
-            parts.append(np.array(memmap_tokens(path, count)[: wanted - total], dtype=np.int64))
+            tokens = memmap_tokens(path, count)[: wanted - total]
+            check_token_ids(tokens, path)
+            parts.append(np.array(tokens, dtype=np.int64))
             total += len(parts[-1])
             if total >= wanted:
                 break

@@ -30,6 +30,7 @@ from fineweb_gpt.data.parquet_stream import no_window_error
 from fineweb_gpt.data.ranks_and_workers import TrainStream, packed_carry, unpacked_carry
 from fineweb_gpt.data.tokens import NO_TOKENS, cut_windows, shuffled_order, tokenize_documents
 from fineweb_gpt.errors import ConfigError, one_line
+from fineweb_gpt.safe_files import NotARegularFile
 
 
 def open_hub_dataset(dataset: str, name, data_files, split: str, revision, text_column: str):
@@ -70,6 +71,8 @@ def local_parquet_files(dataset: str, data_files, split: str) -> list:
     entries = data_files.get(split) if hasattr(data_files, "get") else data_files
     try:
         return expand_paths(as_list(entries), ".parquet", "data.data_files")
+    except NotARegularFile:
+        raise  # a local named pipe or device: datasets would wait on it for ever
     except ConfigError:
         return []  # not plain local paths: datasets resolves them (and reports what is wrong)
 

@@ -10,9 +10,12 @@ from torch.utils.data import DataLoader, Dataset
 from fineweb_gpt.run.stop_signals import ignore_stop_signals
 
 
-def make_loader(dataset: Dataset, *, num_workers: int = 0, batch_size: int | None = None):
+def make_loader(dataset: Dataset, *, num_workers: int = 0, batch_size: int | None = None, evaluation=False):
     """A DataLoader over `dataset` in its own order: training streams batch themselves (batch_size=None).
-    Its workers ignore the stop signals: the training process decides when to save and stop."""
+    Its workers ignore the stop signals: the training process decides when to save and stop.
+    evaluation: its iterations draw nothing from the run's random stream (each DataLoader iteration
+    draws a seed), so a run resumed from a checkpoint saved before an evaluation draws what the
+    uninterrupted run drew: dropout continues bit for bit."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -21,4 +24,5 @@ def make_loader(dataset: Dataset, *, num_workers: int = 0, batch_size: int | Non
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator() if evaluation else None,
     )

@@ -6,16 +6,22 @@ column, a text column that holds no text) is refused with one line naming it and
 """
 
 import glob
+import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fineweb_gpt.data.tokens import tokenize_documents
 from fineweb_gpt.errors import ConfigError, one_line
+from fineweb_gpt.safe_files import regular_file
+
+log = logging.getLogger("fineweb_gpt")
 
 
 def bundled_sample_path() -> Path:
@@ -33,22 +39,25 @@ def as_list(paths) -> list[str]:
 
 
 def expand_paths(entries: list[str], suffix: str, keys: str) -> list[Path]:
-    """Files, folders (searched recursively) and globs -> the files ending in `suffix`, each entry sorted."""
+    """Files, folders (searched recursively) and globs -> the files ending in `suffix`, each entry
+    sorted. Each must be a regular file: a named pipe or a device would make its reader wait for ever."""
     files: list[Path] = []
+    fix = f"give {suffix} files in {keys}"
     for entry in entries:
         entry = str(Path(entry).expanduser())
         if glob.has_magic(entry):
             matches = sorted(Path(m) for m in glob.glob(entry, recursive=True) if m.endswith(suffix))
+            matches = [m for m in matches if not m.is_dir()]
             if not matches:
                 raise ConfigError(f"data path {entry} matches no {suffix} files; check the pattern in {keys}")
-            files.extend(matches)
+            files.extend(regular_file(m, fix) for m in matches)
         elif Path(entry).is_dir():
-            matches = sorted(p for p in Path(entry).rglob(f"*{suffix}") if p.is_file())
+            matches = sorted(p for p in Path(entry).rglob(f"*{suffix}") if not p.is_dir())
             if not matches:
                 raise ConfigError(f"data directory {entry} holds no {suffix} files; point {keys} at them")
-            files.extend(matches)
-        elif Path(entry).is_file():
-            files.append(Path(entry))
+            files.extend(regular_file(m, fix) for m in matches)
+        elif os.path.lexists(entry):
+            files.append(regular_file(entry, fix))
         else:
             raise ConfigError(f"data file {entry} does not exist; check {keys}")
     return files
@@ -130,18 +139,39 @@ def inspect_parquet(path: Path, text_column: str) -> ParquetInfo:
 def estimate_train_tokens(infos: list[ParquetInfo], text_column: str, val_fraction: float) -> int:
     """Tokens in one pass over the training documents of parquet files.
 
-    FineWeb's token_count column holds GPT-2 counts (without the separator); other files are
-    estimated from the tokens per byte of their first 1024 rows and the text size in their metadata.
+    FineWeb's token_count column holds GPT-2 counts (without the separator); other files, and
+    files whose token_count is not a whole, non-negative count in every row (null, NaN, text,
+    negative), are estimated from the tokens per byte of their first 1024 rows and the text size
+    in their metadata.
     """
     if all(info.has_token_count for info in infos):
-        total = 0
-        for info in infos:
-            with reading(info.path):
-                counts = pq.read_table(info.path, columns=["token_count"]).column(0)
-            total += int(counts.to_numpy(zero_copy_only=False).sum()) + info.num_rows
-        return int(total * (1 - val_fraction))
+        counts = [counted_tokens(info) for info in infos]
+        if all(count is not None for count in counts):
+            return int(sum(counts) * (1 - val_fraction))
+        unusable = next(info for info, count in zip(infos, counts) if count is None)
+        log.warning(
+            "%s: its token_count column is not a whole, non-negative count in every row; the data's size is "
+            "estimated from its text instead",
+            unusable.path,
+        )
     with reading(infos[0].path):
         sample = next(pq.ParquetFile(infos[0].path).iter_batches(1024, columns=[text_column])).column(0)
     texts = [t for t in sample.to_pylist() if t]
     per_byte = len(tokenize_documents(texts)) / max(1, sum(len(t.encode("utf-8")) for t in texts))
     return int(sum(info.text_bytes for info in infos) * per_byte * (1 - val_fraction))
+
+
+MOST_TOKENS_PER_DOCUMENT = 2**32  # more is no real count, and a sum of such could overflow
+
+
+def counted_tokens(info: ParquetInfo) -> int | None:
+    """The file's tokens by its token_count column, each document's separator included, or None
+    where the column is not an integer count in every row within 0..MOST_TOKENS_PER_DOCUMENT."""
+    with reading(info.path):
+        counts = pq.read_table(info.path, columns=["token_count"]).column(0)
+    if not pa.types.is_integer(counts.type) or counts.null_count:
+        return None
+    low_high = pc.min_max(counts).as_py()
+    if len(counts) and not (0 <= low_high["min"] and low_high["max"] <= MOST_TOKENS_PER_DOCUMENT):
+        return None
+    return int(pc.sum(counts.cast(pa.int64())).as_py() or 0) + info.num_rows

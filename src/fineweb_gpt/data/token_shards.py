@@ -29,7 +29,8 @@ from fineweb_gpt.data.ranks_and_workers import UNIT_TOKENS, TrainStream, plan_un
 from fineweb_gpt.data.settings import DataSettings
 from fineweb_gpt.data.tokens import shuffled_order
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.safe_files import AtomicFile
+from fineweb_gpt.safe_files import AtomicFile, regular_file
+from fineweb_gpt.tokenizer import GPT2_VOCAB_SIZE
 
 MAGIC = 20240520
 VERSION = 1  # GPT-2 tokens as uint16 (llm.c's version 7 holds LLaMA-3 tokens as uint32)
@@ -40,6 +41,7 @@ TOKEN_DTYPE = np.dtype("<u2")
 
 def read_token_count(path: Path) -> int:
     """The token count from a shard's header, after checking that the file is one."""
+    regular_file(path, "give llm.c token shards in data.paths")
     try:
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
@@ -64,6 +66,17 @@ def read_token_count(path: Path) -> int:
             "it is truncated or damaged; re-download or re-tokenize it"
         )
     return count
+
+
+def check_token_ids(tokens: np.ndarray, path: Path, offset: int = 0) -> None:
+    """Refuse, in one line, tokens of a shard (from token `offset` on) with an id outside GPT-2's
+    vocabulary: the model would fail on it part way through the run (on a GPU, a device-side assert)."""
+    if len(tokens) and int(tokens.max()) >= GPT2_VOCAB_SIZE:
+        first = int(np.flatnonzero(tokens >= GPT2_VOCAB_SIZE)[0])
+        raise ConfigError(
+            f"{path} holds token id {int(tokens[first])} (token {offset + first:,}), beyond GPT-2's {GPT2_VOCAB_SIZE} "
+            "ids: it does not hold GPT-2 tokens; make shards with fineweb-gpt-tokenize"
+        )
 
 
 def shard_header(count: int) -> bytes:
@@ -140,22 +153,28 @@ class TokenShardStream(TrainStream):
     def __getstate__(self):
         return {**self.__dict__, "tokens": None}  # a pickled memmap would copy the data: workers map it themselves
 
-    def window_at(self, index: int) -> np.ndarray:
-        """Window `index` of the whole sequence, read from one shard or across a shard boundary."""
-        start = index * self.settings.window
-        stop = start + self.settings.window
+    def pieces(self, start: int, stop: int):
+        """(shard, offset, length) of tokens start..stop of the whole sequence, shard by shard."""
         shard = bisect.bisect_right(self.starts, start) - 1
-        if stop <= self.starts[shard + 1]:
-            offset = start - self.starts[shard]
-            return self.tokens[shard][offset : offset + self.settings.window]
-        parts = []
         while start < stop:
             offset = start - self.starts[shard]
             take = min(stop, self.starts[shard + 1]) - start
-            parts.append(self.tokens[shard][offset : offset + take])
+            yield shard, offset, take
             start += take
             shard += 1
-        return np.concatenate(parts)
+
+    def window_at(self, index: int) -> np.ndarray:
+        """Window `index` of the whole sequence, read from one shard or across a shard boundary."""
+        start = index * self.settings.window
+        parts = [self.tokens[s][o : o + n] for s, o, n in self.pieces(start, start + self.settings.window)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def check_unit(self, unit) -> None:
+        """Refuse a unit holding an id the model has no embedding for, before any of it is trained
+        on (one pass over about UNIT_TOKENS tokens the unit's windows then read from the page cache)."""
+        window = self.settings.window
+        for shard, offset, take in self.pieces(unit.start * window, unit.stop * window):
+            check_token_ids(self.tokens[shard][offset : offset + take], self.shards[shard][0], offset)
 
     def stream_windows(self, stream: int):
         s = self.settings
@@ -167,6 +186,7 @@ class TokenShardStream(TrainStream):
             units = units_of_stream(len(self.units), stream, self.num_streams, s.seed, epoch)
             for u in range(first_unit, len(units)):
                 unit = self.units[units[u]]
+                self.check_unit(unit)
                 order = shuffled_order(unit.stop - unit.start, s.seed, epoch, units[u])
                 for w in range(first_window if u == first_unit else 0, len(order)):
                     yield self.window_at(unit.start + int(order[w])), ShardPosition(epoch, u, w + 1)

@@ -2,6 +2,7 @@
 whose format is told from its content (`--format` forces one)."""
 
 import csv
+import os
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from fineweb_gpt.doctor.record import RunRecord, sanitized
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.run.names import METRICS_FILE
 from fineweb_gpt.run.run_files import read_metrics, read_summary
+from fineweb_gpt.safe_files import regular_file
 
 FORMATS = ("run", "csv", "nanogpt", "llmc", "modded", "buildnanogpt")
 LOG_PARSERS = {
@@ -34,6 +36,7 @@ TERMINAL_CODES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|
 
 def log_lines(path: Path) -> list[str]:
     """The log's lines without terminal codes; a progress bar's carriage returns end lines too."""
+    regular_file(path, "give a run folder or a training log")
     try:
         size = path.stat().st_size
         if size > MAX_LOG_BYTES:
@@ -59,7 +62,7 @@ def read_run_folder(run_dir: Path) -> RunRecord:
     if not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} does not exist; give the run folder fineweb_gpt.train printed")
     metrics = run_dir / METRICS_FILE
-    if not metrics.is_file():
+    if not os.path.lexists(metrics):
         wandb = " It logged to W&B (wandb/ is here): rerun with" if (run_dir / "wandb").is_dir() else " Rerun with"
         raise ConfigError(
             f"{run_dir} has no {METRICS_FILE}, the run's own record of its metrics: it stopped before its first "

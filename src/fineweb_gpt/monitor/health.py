@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from fineweb_gpt.doctor.checks import CHECKS, NOTES_ONLY, diagnose
 from fineweb_gpt.doctor.record import Finding, RunRecord, sanitized
+from fineweb_gpt.loggers import AppendingCSVLogger
+from fineweb_gpt.run.run_files import metric_rows
 
 log = logging.getLogger("fineweb_gpt")
 PROBLEM_CHECKS = tuple(check for check in CHECKS if check not in NOTES_ONLY)
@@ -59,6 +61,10 @@ class HealthMonitor(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         warned = self.warned | self.summary.already_warned
         self.health = RunHealth(self.summary.summary, already_warned=warned)
+        # A resumed run's checks see the rows the run logged before, as the uninterrupted run's did.
+        for logger in trainer.loggers:
+            if isinstance(logger, AppendingCSVLogger):
+                self.health.run.rows = metric_rows(logger.rows_before_resume())
         self.record(trainer, self.health.check(), trainer.global_step)
 
     def observe(self, trainer: L.Trainer, row: dict, step: int) -> None:

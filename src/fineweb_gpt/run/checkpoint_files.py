@@ -8,6 +8,7 @@ import torch
 
 from fineweb_gpt.errors import ConfigError, one_line
 from fineweb_gpt.model import GPT, GPTConfig
+from fineweb_gpt.safe_files import is_regular_file, kind_of, regular_file
 from fineweb_gpt.tokenizer import GPT2_RANKS_SHA256
 
 
@@ -40,6 +41,9 @@ def saved_checkpoints(folder: Path) -> tuple[dict[str, int], dict[str, str]]:
             elif target.parent != folder.resolve():
                 damaged[str(path)] = f"links outside the folder, to {os.readlink(path)}"
             continue  # a link inside the folder: its target is read as itself
+        if not is_regular_file(path):  # a named pipe would make the loader wait for ever
+            damaged[str(path)] = f"not a regular file ({kind_of(os.stat(path).st_mode)})"
+            continue
         step, problem = checkpoint_step(path)
         if problem is None:
             loadable[str(path)] = step
@@ -51,14 +55,7 @@ def saved_checkpoints(folder: Path) -> tuple[dict[str, int], dict[str, str]]:
 def load_gpt(path: str | Path, device: str = "cpu") -> tuple[GPT, dict]:
     """The GPT saved in a fineweb_gpt checkpoint, in eval mode, and the checkpoint itself,
     after checking that it is whole, names the bundled tokenizer and holds finite weights."""
-    path = Path(path)
-    try:
-        is_file, is_folder = path.is_file(), path.is_dir()
-    except OSError as err:  # a name too long for the filesystem, a folder we may not enter, ...
-        raise ConfigError(f"ckpt={path} cannot be read ({err.strerror}); give a .ckpt from training") from err
-    if not is_file:
-        what = "is a folder" if is_folder else "does not exist"
-        raise ConfigError(f"ckpt={path} {what}; give a checkpoint such as <run folder>/checkpoints/last.ckpt")
+    path = regular_file(path, "give a checkpoint such as <run folder>/checkpoints/last.ckpt", name=f"ckpt={path}")
     try:
         checkpoint = read_checkpoint(path)
     except Exception as err:  # a damaged file fails inside the unpickler in many ways (IndexError, EOFError, ...)

@@ -9,6 +9,7 @@ resume_policy.py's.
 
 import copy
 import os
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from fineweb_gpt.errors import DiskFull
+from fineweb_gpt.errors import ConfigError, DiskFull
 from fineweb_gpt.run.checkpoint_files import saved_checkpoints
 from fineweb_gpt.run.names import LAST
 from fineweb_gpt.safe_files import AtomicFile, disk_full, replace_with_link
@@ -49,6 +50,24 @@ class BesideFileCheckpointIO(TorchCheckpointIO):
             ) from full
 
 
+def check_writable_folder(dirpath: str) -> None:
+    """Refuse, before the run starts, a checkpoint folder that cannot be made or written in
+    (dirpath=/proc/self, a file, a read-only disk): the first save would fail part way through the
+    run. The nearest folder that exists is tried with a file that has no name (gone at once)."""
+    path = Path(dirpath)
+    existing = next(folder for folder in (path, *path.parents) if os.path.lexists(folder))
+    fix = "give a folder this run can write in"
+    if not existing.is_dir():
+        raise ConfigError(f"callbacks.model_checkpoint.dirpath={dirpath}: {existing} is not a folder; {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"callbacks.model_checkpoint.dirpath={dirpath}: no file can be made in {existing} ({err.strerror}); {fix}"
+        ) from None
+
+
 def newest_saved(folder: Path) -> str:
     link = folder / LAST
     return f"last.ckpt is {os.path.realpath(link)}" if link.exists() else "none was saved yet"
@@ -68,6 +87,8 @@ class StepCheckpoint(ModelCheckpoint):
     def __init__(self, every_n_minutes: float | None = None, **kwargs):
         kwargs.setdefault("enable_version_counter", False)
         super().__init__(**kwargs)
+        if kwargs.get("dirpath"):
+            check_writable_folder(str(kwargs["dirpath"]))
         if every_n_minutes:
             self._train_time_interval = timedelta(minutes=every_n_minutes)
         self._steps_seen = None
@@ -90,6 +111,8 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.global_step == self._steps_seen:
             return
         self._steps_seen = trainer.global_step
+        if trainer.global_step >= trainer.max_steps > 0:
+            return  # the last step is saved once, after its evaluation (on_train_end): a finished run's checkpoint
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -100,6 +123,11 @@ class StepCheckpoint(ModelCheckpoint):
         `as_of`: Lightning's loop state and the data position to record instead of the current
         ones (a stop part way through a step saves the state at the step's start)."""
         if self.saved_this_step(trainer) or trainer.fast_dev_run:
+            return
+        resumed = [path for path, step in self.best_k_models.items() if int(step) == trainer.global_step]
+        if resumed:  # a run resumed at its last step, that trained nothing: its file, saved again in place
+            trainer.save_checkpoint(resumed[0])  # (as a new save, it would push out the older one kept)
+            self._last_global_step_saved = trainer.global_step
             return
         self._as_of = as_of
         try:

@@ -95,7 +95,7 @@ def read_holders(descriptor: int) -> list[dict]:
     for line in text.splitlines():
         try:
             holder = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # a damaged or crafted line
             continue
         if isinstance(holder, dict):
             holders.append(holder)

@@ -1,5 +1,5 @@
-"""outputs/latest: the link to the newest run in outputs/ that started training, for the
-commands that take a run folder (python -m fineweb_gpt.doctor outputs/latest)."""
+"""outputs/latest: the link to the newest run in outputs/ that trained a step, for the commands
+that take a run folder (python -m fineweb_gpt.doctor outputs/latest)."""
 
 import logging
 import os
@@ -13,15 +13,25 @@ log = logging.getLogger("fineweb_gpt")
 
 
 class LatestRun(L.Callback):
-    """When training starts, `link` (latest_link: outputs/latest, from the folder the command was
-    started in) points at the run if the run is inside the link's folder: a run elsewhere
-    (hydra.run.dir=/scratch/...) leaves it alone."""
+    """When the run's first optimizer step ends, `link` (latest_link: outputs/latest, from the folder
+    the command was started in) points at the run if the run is inside the link's folder: a run
+    elsewhere (hydra.run.dir=/scratch/...) leaves it alone. A run stopped before its first step
+    (nothing trained, nothing saved) is not named."""
 
     def __init__(self, run_dir: str, link: str | None):
         self.run_dir = Path(os.path.abspath(run_dir))
         self.link = Path(os.path.abspath(os.path.join(launch_folder(), link))) if link else None
+        self.first_step: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.first_step is not None and trainer.global_step > self.first_step:
+            self.first_step = None
+            self.point(trainer)
+
+    def point(self, trainer: L.Trainer) -> None:
         if self.link and self.run_dir.is_relative_to(self.link.parent) and trainer.is_global_zero:
             point_link(self.link, self.run_dir)
 

@@ -4,12 +4,14 @@ refusal only when this command made it and no other run ever held it.
 A single run's folder is made here, just before Hydra would make it (NoteNewRunFolder, a Hydra
 callback in train.yaml): each missing folder is made with one mkdir, which only one of two
 commands started at the same moment can win, so "this command made it" is never a guess.
-claim_run_folder then locks the folder (one run at a time), removes what a killed save left,
-settles the checkpoint it resumes from and whether this command may resume it (resume_policy),
-and only then writes Hydra's record of the run (.hydra/*.yaml). A run refused before training
-leaves no folder behind, but removes one only while holding its lock, when this command made
-it and no other process ever held the lock: a refused second run never removes the folder the
-first is training in, or trained in.
+claim_run_folder then locks the folder (one run at a time), refuses a link planted where the run
+writes its files, removes what a killed save left, and settles the checkpoint it resumes from and
+whether this command may resume it (resume_policy). Hydra's record of the run (.hydra/*.yaml) is
+written only once the data is checked too (RecordRun): a refused command never rewrites the
+record of the run it would have resumed. A run refused before training leaves no folder behind,
+but removes one only while holding its lock, when this command made it and no other process
+ever held the lock: a refused second run never removes the folder the first is training in, or
+trained in; nor, in a sweep, writes its refusal into a folder another run holds or held.
 """
 
 import logging
@@ -24,14 +26,24 @@ from omegaconf import DictConfig, OmegaConf
 from fineweb_gpt.config_files import in_multirun
 from fineweb_gpt.errors import ConfigError, UserError, exit_with, one_line
 from fineweb_gpt.run.folder_lock import FolderLock
-from fineweb_gpt.run.names import CHECKPOINTS
+from fineweb_gpt.run.names import (
+    CHECKPOINTS,
+    HYDRA_CONFIG,
+    HYDRA_DIR,
+    HYDRA_OVERRIDES,
+    HYDRA_SETTINGS,
+    METRICS_FILE,
+    RESULT_FILE,
+    SUMMARY_FILE,
+)
 from fineweb_gpt.run.resume_policy import (
     choose_checkpoint,
     is_first_process,
     may_resume,
     refuse_a_fresh_start_over_checkpoints,
 )
-from fineweb_gpt.run.run_files import write_hydra_record, write_result
+from fineweb_gpt.run.run_files import record_result, write_hydra_record, write_result
+from fineweb_gpt.safe_files import check_target
 
 log = logging.getLogger("fineweb_gpt")
 
@@ -51,6 +63,9 @@ class NoteNewRunFolder(Callback):
             run_dir = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir"))))
         except Exception:  # a folder we cannot name is a folder we never remove
             return
+        existing = next(folder for folder in (run_dir, *run_dir.parents) if os.path.lexists(folder))
+        if not existing.is_dir():  # Hydra's own mkdir would fail with a traceback
+            exit_with(ConfigError(f"hydra.run.dir={run_dir}: {existing} is a file, not a folder; give another one"))
         missing = [folder for folder in (run_dir, *run_dir.parents) if not os.path.lexists(folder)]
         made = []
         for folder in reversed(missing):  # the outermost first
@@ -85,17 +100,29 @@ def claim_run_folder(cfg: DictConfig) -> ClaimedFolder:
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(run_dir).acquire()
     try:
+        refuse_planted_links(run_dir)
         remove_cut_off_saves(run_dir / CHECKPOINTS)
         resume_from = choose_checkpoint(cfg.ckpt_path, cfg.resume, cfg.run_dir)
         if resume_from is None:
             refuse_a_fresh_start_over_checkpoints(run_dir / CHECKPOINTS)
         else:
             may_resume(cfg, resume_from)
-        write_hydra_record(run_dir, cfg)
     except BaseException:
         lock.release()
         raise
     return ClaimedFolder(run_dir, resume_from, lock)
+
+
+def refuse_planted_links(run_dir: Path) -> None:
+    """Refuse, before anything is written, a run folder where a file the run writes is a link or
+    not a regular file (a copied folder with `run_summary.json -> ~/.bashrc`): the writes would
+    refuse it too, but only part way through the run."""
+    if (run_dir / HYDRA_DIR).is_symlink():
+        raise ConfigError(f"{run_dir / HYDRA_DIR} is a link; delete it, the run records its config there")
+    for name in (SUMMARY_FILE, RESULT_FILE, METRICS_FILE, HYDRA_CONFIG, HYDRA_SETTINGS, HYDRA_OVERRIDES):
+        path = run_dir / name
+        if os.path.lexists(path):
+            check_target(path.parent, path.name)
 
 
 def remove_cut_off_saves(folder: Path) -> None:
@@ -160,18 +187,65 @@ def refuse_run(cfg: DictConfig, err: ConfigError, own_folder: bool) -> float:
         discard_untrained_run(cfg.run_dir)
         exit_with(err)
     if own_folder:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        write_hydra_record(Path(cfg.run_dir), cfg)
-        write_result(cfg.run_dir, "failed", error=one_line(err))
+        record_refusal(Path(cfg.run_dir), cfg, err)
     log.error("This run was refused: %s", one_line(err))
     return float("nan")
 
 
+def record_refusal(run_dir: Path, cfg: DictConfig, err: UserError) -> None:
+    """A refused sweep point's record and failed result, for the sweep table, written only under
+    the folder's lock and only where no other process ever held it (another sweep started in the
+    same second has the same folders)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = FolderLock(run_dir).acquire()
+    except UserError:
+        return
+    try:
+        if lock.only_this_process_held_it():
+            write_hydra_record(run_dir, cfg)
+            write_result(cfg.run_dir, "failed", error=one_line(err))
+    finally:
+        lock.release()
+
+
+def record_failure(cfg: DictConfig, err: UserError) -> None:
+    """A sweep point that failed in its claimed folder: its record (if the run did not get as far
+    as writing it) and its failed result, for the sweep table; never a reason to stop the sweep."""
+    run_dir = Path(cfg.run_dir)
+    try:
+        if not os.path.lexists(run_dir / HYDRA_OVERRIDES):
+            write_hydra_record(run_dir, cfg)
+    except UserError as unwritten:
+        log.warning("The run's record was not written: %s", one_line(unwritten))
+    record_result(cfg.run_dir, "failed", error=one_line(err))
+
+
+class RecordRun(L.Callback):
+    """Writes Hydra's record of the run (.hydra/*.yaml) once the run is accepted: at setup, after
+    the data module has read and checked the data (Lightning sets it up before any callback)."""
+
+    def __init__(self, run_dir: str, cfg: DictConfig):
+        self.run_dir, self.cfg = Path(run_dir), cfg
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            write_hydra_record(self.run_dir, self.cfg)
+
+
 class TrainingStarted(L.Callback):
-    """Marks the run as trained when training starts: from then on its folder is never removed."""
+    """Marks the run as trained when its first optimizer step in this process ends: from then on its
+    folder is never removed. A run that fails before (bad data in the first batch, out of memory at
+    the first micro-batch) has nothing worth keeping."""
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
+        self.first_step: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trained.add(os.path.abspath(self.run_dir))
+        self.first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.first_step is not None and trainer.global_step > self.first_step:
+            self.first_step = None
+            trained.add(os.path.abspath(self.run_dir))

@@ -2,9 +2,10 @@
 
 choose_checkpoint picks it (ckpt_path=<file>, ckpt_path=last, resume=auto); may_resume compares
 the checkpoint's settings with this command's, refusing in one line what cannot work and warning
-in one line about what changes the run. What the command may change takes effect from the
-resumed step: ResumeSettings, a callback, keeps the run's settings in every checkpoint for the
-next resume's comparison and makes the learning rate follow this command's schedule.
+in one line about every setting that differs; is_finished says there is nothing left to train.
+What the command may change takes effect from the resumed step: ResumeSettings, a callback,
+keeps the run's settings in every checkpoint for the next resume's comparison and makes the
+learning rate follow this command's schedule.
 """
 
 import logging
@@ -19,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.model import ARCHITECTURE_KEYS, resolved_model_settings
 from fineweb_gpt.run.checkpoint_files import checkpoint_step, read_checkpoint, saved_checkpoints
+from fineweb_gpt.run.evaluation_schedule import EVALUATION_PENDING
 from fineweb_gpt.run.names import CHECKPOINTS
+from fineweb_gpt.safe_files import regular_file
 
 log = logging.getLogger("fineweb_gpt")
 
@@ -31,9 +34,7 @@ def choose_checkpoint(ckpt_path: str | None, resume: str | None, run_dir: str) -
     if resume not in (None, "auto"):
         raise ConfigError(f"resume={resume} is not known; use resume=auto, or ckpt_path=<file> or ckpt_path=last")
     if ckpt_path not in (None, "last"):
-        path = Path(ckpt_path)
-        if not path.is_file():
-            raise ConfigError(f"ckpt_path={path} does not exist; give a checkpoint file, or ckpt_path=last")
+        path = regular_file(ckpt_path, "give a checkpoint file, or ckpt_path=last", name=f"ckpt_path={ckpt_path}")
         _, problem = checkpoint_step(path)
         if problem:
             raise ConfigError(f"checkpoint {path} cannot be loaded ({problem}); use another checkpoint")
@@ -78,19 +79,8 @@ def refuse_a_fresh_start_over_checkpoints(folder: Path) -> None:
 # Resuming with another value of these cannot work: the weights or the optimizer state do not fit
 # (model), or the restored optimizer keeps the checkpoint's value and ignores the command's (optim).
 FIXED_OPTIM_KEYS = ("optimizer", "betas", "eps", "weight_decay", "muon_momentum")
-# These change the run from the resumed step on (the schedule follows the command's optim values).
-CHANGING_KEYS = (
-    "model.dropout",
-    "model.doc_mask",
-    "optim.lr",
-    "optim.min_lr",
-    "optim.warmup_steps",
-    "optim.muon_lr",
-    "total_batch_tokens",
-    "seed",
-    "max_tokens",
-    "trainer.max_steps",
-)
+# These say how to resume, not what the run is: every other setting that differs is warned about.
+HOW_TO_RESUME = ("resume", "ckpt_path")
 
 
 def run_settings(checkpoint: dict) -> dict:
@@ -118,9 +108,22 @@ def setting(settings: dict, key: str):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
+def leaf_keys(settings: dict, prefix: str = "") -> list[str]:
+    """Every setting's dotted key (model.n_layer, callbacks.model_checkpoint.save_top_k, ...)."""
+    keys = []
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            keys += leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
 def compare_with_checkpoint(old: dict, new: dict, checkpoint_path: str, step: int, derived=()) -> None:
-    """Refuse, in one line, a resume that cannot work; warn, in one line, about what changes the run.
-    `derived`: keys that only repeat another (data.seed: ${seed}), not named twice."""
+    """Refuse, in one line, a resume that cannot work; warn, in one line, about every setting that
+    differs from the checkpoint's run (all the run config it carries; only the model's and the
+    optimizer's for checkpoints older than that). `derived`: keys that only repeat another
+    (data.seed: ${seed}), not named twice."""
     # Optimizer keys this command's optimizer has (an adamw run has no muon_momentum to compare).
     fixed = [f"model.{k}" for k in ARCHITECTURE_KEYS] + [f"optim.{k}" for k in FIXED_OPTIM_KEYS]
     fixed = [key for key in fixed if not key.startswith("optim.") or setting(new, key) is not None]
@@ -132,17 +135,21 @@ def compare_with_checkpoint(old: dict, new: dict, checkpoint_path: str, step: in
             "the model and optimizer they were trained with; resume with the checkpoint's values, or start a new run "
             "folder (another hydra.run.dir)"
         )
-    in_command = [k for k in CHANGING_KEYS if not k.startswith("optim.") or setting(new, k) is not None]
-    keys = [k for k in in_command if k.startswith(("model.", "optim."))]
-    if "seed" in old:  # the checkpoint carries its run config: data, batch and length too
-        data = {**(old.get("data") or {}), **(new.get("data") or {})}
-        keys = [k for k in in_command if not k.startswith("data.")]
-        keys += [f"data.{k}" for k in sorted(data) if k != "num_workers"]
-    changed = [key for key in keys if key not in derived and setting(old, key) != setting(new, key)]
+    keys = dict.fromkeys(leaf_keys(old) + leaf_keys(new))
+    if "seed" not in old:  # the checkpoint carries no run config: only the model and the optimizer
+        keys = [key for key in keys if key.startswith(("model.", "optim."))]
+    changed = [
+        key
+        for key in keys
+        if key not in derived
+        and key.split(".")[0] not in HOW_TO_RESUME
+        and not (key.startswith("optim.") and setting(new, key) is None)  # another optimizer's key
+        and setting(old, key) != setting(new, key)
+    ]
     if not changed:
         return
     note = ""
-    if any(key.startswith("data.") or key == "seed" for key in changed):
+    if any((key.startswith("data.") and key != "data.num_workers") or key == "seed" for key in changed):
         note = (
             " The data position is the checkpoint's: with other data or another seed, documents of the current "
             "epoch may be skipped or seen twice."
@@ -155,6 +162,12 @@ def compare_with_checkpoint(old: dict, new: dict, checkpoint_path: str, step: in
         ", ".join(f"{key} {setting(old, key)} -> {setting(new, key)}" for key in changed),
         note,
     )
+
+
+def is_finished(checkpoint: dict, max_steps: int) -> bool:
+    """A checkpoint of a run that reached max_steps and finished its last evaluation: resuming it
+    trains nothing (a pending evaluation is run first: evaluation_schedule)."""
+    return checkpoint["global_step"] >= max_steps and not checkpoint.get(EVALUATION_PENDING)
 
 
 def compare_checkpoint_and_command(path: str, folder: Path, explicit: bool, new: dict, derived: set[str]) -> None:
@@ -179,9 +192,20 @@ def may_resume(cfg: DictConfig, path: str) -> None:
         config = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an interpolation that cannot be resolved: plan.check_config names it
         config = OmegaConf.to_container(cfg)
-    derived = {f"data.{key}" for key in cfg.data if OmegaConf.is_interpolation(cfg.data, key)}
+    derived = set(interpolated_keys(OmegaConf.to_container(cfg, resolve=False)))
     explicit = cfg.ckpt_path not in (None, "last")
     compare_checkpoint_and_command(path, Path(cfg.run_dir) / CHECKPOINTS, explicit, config, derived)
+
+
+def interpolated_keys(settings: dict, prefix: str = "") -> list[str]:
+    """The keys whose value this command takes from another (${seed}, ${run_dir}/checkpoints)."""
+    keys = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            keys += interpolated_keys(value, f"{prefix}{key}.")
+        elif isinstance(value, str) and "${" in value:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def is_first_process() -> bool:

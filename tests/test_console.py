@@ -23,7 +23,7 @@ from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.run.names import METRICS_FILE
 from fineweb_gpt.run.run_files import read_metrics
 from fineweb_gpt.run.stop_signals import RunStopped
-from fineweb_gpt.train import train
+from fineweb_gpt.training import train
 from helpers import SMALL, TESTS_DIR, cli_env, run_cli
 
 COLUMNS = 120

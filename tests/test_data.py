@@ -28,7 +28,7 @@ from fineweb_gpt.data.ranks_and_workers import packed_carry, unpacked_carry
 from fineweb_gpt.data.tokens import NO_TOKENS
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.tokenizer import END_OF_TEXT_ID, gpt2_tokenizer
-from fineweb_gpt.train import train
+from fineweb_gpt.training import train
 from helpers import SMALL, run_cli
 
 BLOCK = 64

@@ -133,7 +133,7 @@ def test_bad_input_is_refused_before_any_scoring(compose_eval, trained_run, tmp_
     cases = {
         (): "ckpt is required",
         (f"ckpt={tmp_path / 'none.ckpt'}",): f"ckpt={tmp_path / 'none.ckpt'} does not exist",
-        (f"ckpt={damaged}",): f"ckpt={damaged} is not a readable checkpoint",
+        (f"ckpt={damaged}",): f"ckpt={damaged} is damaged (",
         (f"ckpt={tmp_path}",): f"ckpt={tmp_path} is a folder",
         (f"ckpt={ckpt}", "data=single_parquet"): "data.path has no value",
         (f"ckpt={ckpt}", "data=single_parquet", f"data.path={tmp_path}/no.parquet"): "no.parquet does not exist",

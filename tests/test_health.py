@@ -78,7 +78,7 @@ def test_training_imports_the_checks_but_not_the_doctors_report_tool():
     from helpers import cli_env
 
     script = (
-        "import sys, fineweb_gpt.train\n"
+        "import sys, fineweb_gpt.training\n"
         "print(' '.join(sorted(m for m in sys.modules if m.startswith('fineweb_gpt.doctor'))))"
     )
     loaded = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True, check=True)
@@ -93,7 +93,7 @@ def test_a_resumed_run_does_not_warn_or_log_again_what_it_already_warned_about()
 
     from fineweb_gpt.monitor.health import HealthMonitor
 
-    summary = SimpleNamespace(summary=run_summary(max_steps=10), already_warned=set())  # 10 steps: undertrained
+    summary = SimpleNamespace(summary=run_summary(max_steps=10), already_warned=set(), run_dir=None)  # undertrained
     first = HealthMonitor(summary)
     rows = []
     logger = SimpleNamespace(log_metrics=lambda row, step: rows.append((step, row)))

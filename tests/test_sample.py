@@ -124,7 +124,7 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
 def test_corrupt_checkpoint_is_one_line(tmp_path, capsys):
     bad = tmp_path / "last.ckpt"
     bad.write_bytes(b"this is not a checkpoint")
-    assert f"ckpt={bad} is not a readable checkpoint" in one_line_error(capsys, f"ckpt={bad}")
+    assert f"ckpt={bad} is not a checkpoint (not a file torch.save writes)" in one_line_error(capsys, f"ckpt={bad}")
 
 
 def test_checkpoint_with_another_tokenizer_is_refused(memorised_checkpoint, tmp_path, capsys):

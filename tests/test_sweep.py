@@ -327,7 +327,7 @@ def test_fsdp_on_two_processes_trains_like_ddp_and_resumes_exactly(tmp_path):
 )
 def test_fsdp_that_cannot_shard_is_refused_in_one_line(make_config, overrides, culprit):
     from fineweb_gpt.errors import ConfigError
-    from fineweb_gpt.train import train
+    from fineweb_gpt.training import train
 
     with pytest.raises(ConfigError, match=culprit) as error:
         train(make_config("trainer=fsdp", *overrides))

@@ -18,6 +18,7 @@ from fineweb_gpt.data.settings import check_data_config
 from fineweb_gpt.errors import ConfigError, OutOfMemory, one_line
 from fineweb_gpt.flops import chinchilla_tokens, flops_per_token, gpu_for_device, human_count
 from fineweb_gpt.model import GPT, GPTConfig
+from fineweb_gpt.time_estimate import evaluation_plan
 from fineweb_gpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 
 log = logging.getLogger("fineweb_gpt")
@@ -27,7 +28,7 @@ LIGHTNING_FSDP = "lightning.pytorch.strategies.FSDPStrategy"
 # --- checks -------------------------------------------------------------------------------
 
 
-def check_config(cfg: DictConfig, hw_name: str) -> None:
+def check_config(cfg: DictConfig, hw_name: str, data_name: str | None = None) -> None:
     """Refuse a run that cannot work before any data is read."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -35,7 +36,7 @@ def check_config(cfg: DictConfig, hw_name: str) -> None:
             f"{missing[0]} has no value; set it on the command line, e.g. {missing[0]}=/data/fineweb/000_00000.parquet"
         )
     check_values(cfg)
-    check_data_config(cfg.data, cfg.hw.micro_batch_size)
+    check_data_config(cfg.data, cfg.hw.micro_batch_size, data_name)
     model_config(cfg.model)
     if cfg.hw.requires_cuda and not torch.cuda.is_available():
         raise ConfigError(f"hw={hw_name} needs a CUDA GPU and this machine has none; use hw=cpu (or hw=auto)")
@@ -233,7 +234,7 @@ def parameter_count(config: GPTConfig) -> int:
 
 def plan_run(cfg: DictConfig, choices: dict) -> dict:
     """Check the config, then work out the run: what train.py builds from and the summary reports."""
-    check_config(cfg, choices.get("hw", "custom"))
+    check_config(cfg, choices.get("hw", "custom"), choices.get("data"))
     world_size = world_size_of(cfg.trainer)
     accumulation = gradient_accumulation(
         cfg.total_batch_tokens, cfg.hw.micro_batch_size, cfg.data.block_size, world_size
@@ -268,6 +269,8 @@ def run_plan(
         **{key: cfg.optim[key] for key in ("lr", "min_lr", "weight_decay")},
         "warmup_steps": fitted_warmup(cfg.optim.warmup_steps, max_steps),
         "val_every_steps": cfg.val_every_steps,
+        "data_name": choices.get("data", "custom"),
+        **evaluation_plan(cfg, choices.get("data"), max_steps, tokens_per_step, on_cpu(cfg.trainer.accelerator)),
         "flops_per_token": flops_per_token(
             num_params, model_config.n_layer, model_config.n_head, model_config.n_embd, block_size
         ),

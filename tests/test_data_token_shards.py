@@ -19,7 +19,7 @@ from fineweb_gpt.tokenizer import END_OF_TEXT_ID, gpt2_tokenizer
 from helpers import SMALL, TESTS_DIR, run_cli
 
 BLOCK = 32
-SAMPLE_VAL_FRACTION = 0.05  # data=sample's
+SAMPLE_VAL_FRACTION = 0.05  # more held-out documents than data.val_fraction's default
 
 
 def write_llm_c_shard(path: Path, tokens, version: int = 1, magic: int = 20240520, count: int | None = None) -> Path:

@@ -2,6 +2,7 @@
 problem warned about once, at the evaluation where it first appears; a healthy run warns nothing."""
 
 import logging
+from pathlib import Path
 
 from doctor_fixtures import CHINCHILLA_STEPS_40M, TOKENS_PER_STEP, metric_rows, power_law, run_summary
 from fineweb_gpt.monitor.health import RunHealth
@@ -19,11 +20,13 @@ def warnings_logged(caplog) -> list[str]:
 
 def test_each_problem_is_warned_once_when_it_first_appears(caplog):
     summary = run_summary(model_name="124m")  # a 40.56M model named 124m: wrong from the start
-    monitor = RunHealth(summary, already_warned=set())
+    monitor = RunHealth(summary, already_warned=set(), run_dir=str(Path.cwd() / "outputs" / "run"))
     caplog.set_level(logging.WARNING, logger="fineweb_gpt")
 
-    monitor.check()  # as HealthMonitor does when training starts
-    assert [m.split(".")[0] for m in warnings_logged(caplog)] == ["Run health: Model size does not match its name"]
+    monitor.check()  # as HealthMonitor does when training starts: one short line, the evidence in the doctor's
+    assert warnings_logged(caplog) == [
+        "Run health: Model size does not match its name. Why, and what to change: fineweb-gpt-doctor outputs/run"
+    ]
 
     first_overfit_eval = None
     for row in metric_rows(summary, val_loss=overfitting_after_half, noise=0.0):

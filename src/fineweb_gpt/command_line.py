@@ -133,8 +133,9 @@ def other_options_reading(group: str, key: str, parent: DictConfig) -> tuple[str
 
 def nearest_key(full_key: str, parent: DictConfig) -> str | None:
     """The key the unknown one most likely means: one of the same name elsewhere (max_steps ->
-    trainer.max_steps), else the closest beside it (trainer.max_step -> trainer.max_steps), else
-    the closest anywhere, by the last part of its name. Hydra's own keys only for a hydra.* key."""
+    trainer.max_steps), else the closest beside it (trainer.max_step -> trainer.max_steps), else,
+    for a key at the top, the closest anywhere by the last part of its name. Hydra's own keys
+    only for a hydra.* key."""
     node, _, key = full_key.rpartition(".")
     root = parent._get_root()
     keys = [k for k in flat_keys(root) if full_key.startswith("hydra.") == k.startswith("hydra.")]
@@ -146,7 +147,7 @@ def nearest_key(full_key: str, parent: DictConfig) -> str | None:
     beside = closest(key, [str(k) for k in parent.keys()])
     if beside:
         return f"{node}.{beside}" if node else beside
-    name = closest(key, list(by_name))
+    name = closest(key, list(by_name)) if not node else None
     return by_name[name] if name else None
 
 

@@ -76,6 +76,15 @@ def hydra_choices() -> dict:
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
 
+def set_on_command_line(key: str) -> bool:
+    """Whether this job's command line sets `key` (data.val_tokens=..., +data.val_tokens=...)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    return any(override.split("=", 1)[0].lstrip("+~") == key for override in HydraConfig.get().overrides.task)
+
+
 def in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

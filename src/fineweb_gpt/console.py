@@ -30,9 +30,8 @@ LIBRARY_NOISE = [
 LIBRARY_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 # A step that has run this long shows its micro-batches on the bar.
 LONG_STEP_SECONDS = 2.0
-# Without a terminal, a step or an evaluation still going after FIRST_LINE_SECONDS says how far it
-# has come, and again every LINE_EVERY_SECONDS.
-FIRST_LINE_SECONDS = 10.0
+# Without a terminal, a step or an evaluation still going after this long says how far it has
+# come, and again each time as long again has passed.
 LINE_EVERY_SECONDS = 60.0
 
 
@@ -182,12 +181,10 @@ class StepProgressBar(ProgressBar):
             log.info("step %d/%d: %s, %s into the step", trainer.global_step + 1, trainer.max_steps, done, elapsed)
 
     def progress_due(self, began: float) -> bool:
-        """Whether a step or evaluation that began at `began` should say how far it has come: once it
-        has run FIRST_LINE_SECONDS, then every LINE_EVERY_SECONDS."""
+        """Whether a step or evaluation that began at `began` should say how far it has come: once
+        it has run LINE_EVERY_SECONDS, and as often again."""
         now = time.monotonic()
-        said_in_this_one = self.progress_said > began
-        since, wait = (self.progress_said, LINE_EVERY_SECONDS) if said_in_this_one else (began, FIRST_LINE_SECONDS)
-        if now - since < wait:
+        if now - max(began, self.progress_said) < LINE_EVERY_SECONDS:
             return False
         self.progress_said = now
         return True

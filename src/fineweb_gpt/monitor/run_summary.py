@@ -13,6 +13,7 @@ from fineweb_gpt.safe_files import write_atomically
 from fineweb_gpt.time_estimate import (
     CPU_EVALUATION_SHARE,
     DAYS_WORTH_WARNING,
+    TRAINING_EFFICIENCY,
     describe_seconds,
     interval_for_share,
     matmul_rate,
@@ -121,10 +122,9 @@ def validation_tokens(datamodule) -> int | None:
 
 def estimated_run_time(summary: dict, device: torch.device) -> dict:
     """The plan's seconds at a rate measured on `device` now (time_estimate.py); {} if it cannot be measured."""
-    rows = min(4096, summary["micro_batch_size"] * summary["block_size"])
     dtype = precision_dtype(summary["precision"])
     try:
-        rate = matmul_rate(device, summary["n_embd"], summary["vocab_size"], dtype, rows)
+        rate = matmul_rate(device, summary["n_embd"], summary["vocab_size"], dtype)
     except RuntimeError as err:  # out of memory, a dtype the device lacks: the summary goes on without it
         log.debug("No time estimate: %s", err)
         return {}
@@ -186,15 +186,17 @@ def describe_time(s: dict) -> str:
     rate = s["measured_matmul_flops"]
     rate_text = f"{rate / 1e12:.1f} TFLOPS" if rate >= 1e12 else f"{rate / 1e9:.1f} GFLOPS"
     step, run = describe_seconds(s["estimated_step_seconds"]), describe_seconds(s["estimated_run_seconds"])
-    return f"about {step} per step, {run} for the run (its FLOPs at half the {rate_text} a matmul reached here)"
+    share = f"{TRAINING_EFFICIENCY:.0%}"
+    return f"about {step} per step, {run} for the run (its FLOPs at {share} of the {rate_text} a matmul reached here)"
 
 
 def too_long(s: dict) -> str:
-    """The warning before a run that would take days here, with the lengths that fit an hour."""
+    """The warning before a run that would take days here, with the length that fits an hour."""
     step = s["estimated_step_seconds"]
-    hour = max(1, int(3600 // step))
+    advice = [f"set trainer.max_steps={int(3600 // step)} for a run of about an hour"] if step < 1800 else []
+    advice += ["use a smaller model (model=tiny)"] if s["model_name"] != "tiny" else []
+    advice.append("train on a GPU")
     return (
         f"This run would take about {describe_seconds(s['estimated_run_seconds'])} on this machine "
-        f"({describe_seconds(step)} per step x {s['max_steps']:,} steps, estimated): for a run of about an hour set "
-        f"trainer.max_steps={hour}, or use a smaller model (model=tiny) or a GPU; Ctrl-C stops it"
+        f"({describe_seconds(step)} per step x {s['max_steps']:,} steps, estimated): {', or '.join(advice)}"
     )

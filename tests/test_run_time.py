@@ -3,6 +3,7 @@ should take here, a warning when that is days, and, on the CPU, a default valida
 that evaluations stay about a tenth of the run. Also what every source holds out of the same file."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +68,23 @@ def test_the_summary_says_when_the_held_out_data_holds_less_than_asked():
     said = describe_evaluation({**s, "block_size": 256, "val_every_steps": 10})
     assert said.startswith("7,168 validation tokens x 4 evaluations")
     assert "all there is of the held-out data: data.val_tokens=1,048,576 asks for more" in said
+
+
+def test_when_evaluations_take_much_of_the_run_the_summary_names_settings_that_fit_a_tenth(make_config):
+    cfg = make_config(*SMALL, "trainer.max_steps=200", "val_every_steps=2", "data.val_tokens=512")
+    plan = plan_run(cfg, {"hw": "cpu"})  # 101 evaluations of 512 tokens against 200 steps of 256
+    summary = {**plan, **run_time(plan, matmul_flops=1e10, val_tokens_scored=512), "val_tokens_scored": 512}
+    said = describe_evaluation(summary)
+    # Per token an evaluation costs a third of a step: 101 x 512 / 3 against 200 x 256.
+    assert f", {101 * 512 / 3 / (101 * 512 / 3 + 200 * 256):.0%} of the run" in said.splitlines()[0]
+    tokens, interval = map(int, re.search(r"data.val_tokens=([\d,]+) or val_every_steps=(\d+) keeps", said).groups())
+
+    def share(val_tokens: int, evaluations: int) -> float:
+        times = run_time({**plan, "evaluations": evaluations}, matmul_flops=1e10, val_tokens_scored=val_tokens)
+        return evaluations * times["estimated_evaluation_seconds"] / times["estimated_run_seconds"]
+
+    assert share(tokens, plan["evaluations"]) <= 0.1 < share(tokens + 2 * 32, plan["evaluations"])
+    assert share(512, evaluation_count(200, interval)) <= 0.1 < share(512, evaluation_count(200, interval - 1))
 
 
 def test_one_file_holds_out_the_same_documents_as_the_sample_and_as_single_parquet(make_config):

@@ -3,7 +3,7 @@
 Both train the same model on the same batches with the same recipe: bf16 autocast on GPUs
 that have it, gradient accumulation, clipping at 1.0, AdamW (fused on CUDA) with warmup and
 cosine decay, the loss read once per optimizer step. The Lightning side is the real one:
-GPTLightningModule with its loss guard, RunMonitor's per-step metrics, a CSV logger. The two
+GPTLightningModule with its loss guard, StepMetrics' per-step metrics, a CSV logger. The two
 alternate, round after round, in one process, and each is timed over the steps after its
 warmup, so the ratio compares like with like.
 
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--compile-tuning", action="store_true", help="with --compile: hw.compile_tuning=true")
     parser.add_argument("--hw", default=None, help="hw profile whose peak FLOPS MFU is measured against")
+    parser.add_argument("--profile", action="store_true", help="after the rounds: where each path's time goes")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,12 +215,31 @@ def main() -> None:
         mem = f", peak memory {memory[label]:.1f} GiB" if on_gpu else ""
         print(f"{label:10s} {typical:,.0f} tokens/s (median of {len(values)}){mfu}{mem}")
     ratio = statistics.median(ours / bare for ours, bare in zip(speeds["lightning"], speeds["bare loop"]))
-    verdict = "met" if ratio >= 0.97 else "MISSED"
-    print(f"lightning / bare loop = {ratio:.3f} (median over rounds; target >= 0.97: {verdict})")
+    target = 0.98 if args.compile else 0.97
+    verdict = "met" if ratio >= target else "MISSED"
+    print(f"lightning / bare loop = {ratio:.3f} (median over rounds; target >= {target}: {verdict})")
     if peak:
         mfu = model_flops_utilization(per_token, statistics.median(speeds["lightning"]), peak)
         formula = f"nanoGPT's formula, {per_token / 1e6:.1f}M FLOPs per token"
         print(f"MFU against {peak / 1e12:.1f} TFLOPS ({formula}): {mfu:.1%}")
+    if args.profile and on_gpu:
+        for label, run in (("lightning", lightning_round), ("bare loop", bare_round)):
+            where_the_time_goes(label, lambda run=run: run(args, model_config, windows, device, precision))
+
+
+def where_the_time_goes(label: str, run_round) -> None:
+    """One more round under torch.profiler: how busy the GPU was, and the kernels that took longest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    started = time.perf_counter()
+    with profile(activities=activities) as profiler:
+        run_round()
+    wall = time.perf_counter() - started
+    events = profiler.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"profile {label}: {wall:.1f} s wall (compile, warmup and profiler included), GPU busy {gpu:.1f} s")
+    print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
 
 
 if __name__ == "__main__":

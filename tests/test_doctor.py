@@ -478,7 +478,11 @@ def test_any_metrics_csv_never_crashes_the_doctor(rows):
             run = read_run(path)
         except ConfigError:
             return
-        render_markdown("history.csv", run, diagnose(run), "history.png")
+        findings = diagnose(run)
+        report = render_markdown("history.csv", run, findings, "history.png")
+        problems = sum(f.problem for f in findings)
+        assert report.startswith("# Run doctor: `history.csv`")
+        assert (f"## Problems ({problems})" if problems else "## No problems found") in report
 
 
 def test_the_plot_survives_extreme_values(tmp_path):

@@ -153,6 +153,25 @@ def test_compile_gives_the_same_losses_on_the_cpu(make_config, tmp_path):
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
 
 
+def test_where_compiling_cannot_work_the_run_says_so_once_and_trains_uncompiled(make_config, monkeypatch, caplog):
+    import torch.utils._triton
+
+    from fineweb_gpt import plan
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)  # a GPU without Triton (Windows, say)
+    with caplog.at_level("WARNING", logger="fineweb_gpt"):
+        assert not plan.compiling_works("gpu")
+    assert "Triton is not installed" in caplog.text and caplog.text.count("training uncompiled") == 1
+    caplog.clear()
+    monkeypatch.setattr(plan.shutil, "which", lambda name: None)  # a CPU machine without a C++ compiler
+    cfg = make_config(*SMALL, "trainer.max_steps=1", "val_every_steps=1", "hw.compile=true")
+    with caplog.at_level("WARNING", logger="fineweb_gpt"):
+        assert math.isfinite(train(cfg))
+    assert "there is no C++ compiler" in caplog.text and caplog.text.count("training uncompiled") == 1
+    summary = (Path(cfg.run_dir) / "run_summary.json").read_text()
+    assert '"compile": false' in summary
+
+
 @pytest.mark.slow
 def test_throughput_benchmark_runs_on_the_cpu():
     script = Path(__file__).parents[1] / "benchmarks" / "train_throughput.py"

@@ -6,6 +6,8 @@ static part."""
 
 import logging
 import math
+import os
+import shutil
 from dataclasses import fields, replace
 
 import torch
@@ -193,6 +195,22 @@ def fitted_warmup(warmup_steps: int, max_steps: int) -> int:
     return fitted
 
 
+def compiling_works(accelerator: str) -> bool:
+    """Whether torch.compile can build kernels here; if not, one warning, and the run trains
+    uncompiled (hw.compile=true is the default of GPU profiles, and a GPU without Triton, on
+    Windows say, or a machine without a C++ compiler, would otherwise fail at the first step)."""
+    if on_cpu(accelerator):
+        found = any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++"))
+        missing = None if found else "there is no C++ compiler (g++ or clang++), which it needs on the CPU"
+    else:
+        from torch.utils._triton import has_triton
+
+        missing = None if has_triton() else "Triton is not installed (pip install triton; on Windows: triton-windows)"
+    if missing:
+        log.warning("hw.compile=true, but %s: training uncompiled; set hw.compile=false to say so", missing)
+    return missing is None
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """'auto' means bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU."""
     if precision != "auto":
@@ -258,7 +276,7 @@ def run_plan(
         "hw_name": hw_name,
         "peak_flops": peak_flops(cfg.hw, hw_name),
         "precision": resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
-        "compile": bool(cfg.hw.compile),
+        "compile": bool(cfg.hw.compile) and compiling_works(cfg.trainer.accelerator),
         "micro_batch_size": micro_batch_size,
         "grad_accum": grad_accum,
         "world_size": world_size,

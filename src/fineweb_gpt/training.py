@@ -54,7 +54,7 @@ def train(cfg: DictConfig, folder: ClaimedFolder | None = None, plan: dict | Non
         model_config=GPTConfig(**cfg.model).to_dict(),
         optim={**OmegaConf.to_container(cfg.optim), "warmup_steps": plan["warmup_steps"]},  # fitted to the run
         loss_guard=OmegaConf.to_container(cfg.loss_guard),
-        compile_model=cfg.hw.compile,
+        compile_model=plan["compile"],  # hw.compile, unless this machine cannot compile
         compile_tuning=cfg.hw.get("compile_tuning", False),
     )
 

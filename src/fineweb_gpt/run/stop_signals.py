@@ -95,7 +95,7 @@ class StopOnSignal(L.Callback):
                 signal.signal(stop, signal.default_int_handler if stop == signal.SIGINT else signal.SIG_DFL)
             signal.raise_signal(signum)
 
-    def say_what_happens(self) -> None:
+    def announce_new_signals(self) -> None:
         """Say, once per signal, what the run does about it (from the training loop, not the handler)."""
         if self._signals_told < self._signals_seen:
             name = signal.Signals(self.signal_received).name
@@ -106,12 +106,12 @@ class StopOnSignal(L.Callback):
             self._signals_told = self._signals_seen
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
-        self.say_what_happens()
+        self.announce_new_signals()
         if self.cut_short:
             self.stop_part_way(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        self.say_what_happens()
+        self.announce_new_signals()
         if trainer.global_step == self._steps_seen:  # part way through a step
             if self.cut_short:
                 self.stop_part_way(trainer)

@@ -17,6 +17,7 @@ import logging
 import statistics
 import tempfile
 import time
+import warnings
 
 import lightning as L
 import torch
@@ -24,6 +25,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
 from fineweb_gpt.config_files import config_dir, load_option
+from fineweb_gpt.console import quiet_console
 from fineweb_gpt.flops import gpu_for_device, gpu_table, model_flops_per_token, model_flops_utilization
 from fineweb_gpt.lit_module import GPTLightningModule
 from fineweb_gpt.model import GPT, GPTConfig, compile_gpt
@@ -91,6 +93,7 @@ def lightning_round(args, model_config, windows, device, precision) -> float:
             accumulate_grad_batches=args.accumulation,
             gradient_clip_val=1.0,
             limit_val_batches=0,
+            log_every_n_steps=1,  # as a run logs (conf/trainer/default.yaml)
             callbacks=[StepMetrics(plan), timer],
             logger=L.pytorch.loggers.CSVLogger(logs),
             enable_checkpointing=False,
@@ -137,7 +140,10 @@ def bare_round(args, model_config, windows, device, precision) -> float:
 
 
 def main() -> None:
+    quiet_console()  # the training command's console: no Lightning notices between rounds
     logging.getLogger("fineweb_gpt").setLevel(logging.WARNING)  # no run summary in every round
+    # The module has a validation step that the timed rounds leave out on purpose.
+    warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a model preset (default: 124m on CUDA, tiny on the CPU)")
     parser.add_argument("--micro-batch", type=int, default=None)

@@ -4,10 +4,15 @@ Tests and the training runs they start (`+callbacks.x._target_=helpers.BatchReco
 this module: run_cli starts `python -m fineweb_gpt.train` in the tests folder, so it is found.
 """
 
+import fcntl
 import hashlib
 import os
+import pty
+import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -18,6 +23,8 @@ from fineweb_gpt.config_files import config_dir
 
 CONF_DIR = config_dir()
 TESTS_DIR = Path(__file__).resolve().parent
+
+TERMINAL_COLUMNS = 120  # the width of run_in_terminal's terminal
 
 # A model small enough to train for real in seconds on a CPU: 256 tokens per step in 2 micro-batches.
 # Later overrides of the same key win, so a test adds what it needs after these.
@@ -80,6 +87,37 @@ def run_cli(
         timeout=timeout,
         start_new_session=own_process_group,
     )
+
+
+def run_in_terminal(*args: str, cwd: Path, timeout: float = 600, module: str = "fineweb_gpt.train") -> tuple[int, str]:
+    """Run `python -m MODULE ARGS` (by default the training command) with a terminal (TERMINAL_COLUMNS wide)
+    as its stdin, stdout and stderr, as in tmux or an ssh session; returns (exit code, everything
+    it wrote)."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, TERMINAL_COLUMNS, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=cli_env({"TERM": "xterm"}),
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    output, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([controller], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the terminal closed: the process and its children are gone
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif process.poll() is not None:
+            break
+    os.close(controller)
+    return process.wait(timeout=max(1.0, deadline - time.monotonic())), output.decode(errors="replace")
 
 
 class BatchRecorder(L.Callback):

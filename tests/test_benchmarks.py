@@ -50,3 +50,21 @@ def test_hellaswag_speed_times_synthetic_examples_offline(tmp_path):
     assert lines[1].startswith("6 examples in ") and lines[2].startswith("projected for all 10,042: ")
     rate, projected = float(lines[1].split(": ")[1].split()[0]), float(lines[2].split(": ")[1].split()[0])
     assert rate > 0 and projected == pytest.approx(10042 / rate, rel=0.06)  # the rate is printed rounded
+
+
+def test_train_throughput_prints_its_own_lines_only(tmp_path):
+    # Lightning's notices ("GPU available", a tip, "`Trainer.fit` stopped") left out, as in training.
+    small = ["--steps", "3", "--warmup", "2", "--rounds", "1", "--micro-batch", "1", "--accumulation", "1"]
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_throughput.py"), *small],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("device ") and lines[1].startswith("round 1: lightning ")
+    assert lines[2].startswith("lightning ") and lines[3].startswith("bare loop ")
+    assert lines[4].startswith("lightning / bare loop = ") and len(lines) == 5

@@ -5,6 +5,7 @@ trainer settings that are honoured."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,16 @@ def test_latest_names_the_newest_run_that_trained_and_refused_commands_leave_not
     trained = run_cli(*QUICK, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     [run] = run_folders(tmp_path)
+    # The summary names the data source and its file, what each evaluation scores and the time.
+    summary = json.loads((run / "run_summary.json").read_text())
+    said = trained.stdout + trained.stderr
+    assert f"  data             sample: {summary['data_files'][0]}, ~" in said
+    assert summary["data_files"][0].endswith("fineweb_sample10BT_800.parquet")
+    # data.val_tokens=256 (set, so kept) is 8 windows of block 32; 2 evaluations: step 0 and the last.
+    assert summary["val_tokens_scored"] == 256 and summary["evaluations"] == 2
+    assert "  evaluation       256 validation tokens x 2 evaluations (step 0, every 2, the last): about " in said
+    assert summary["estimated_step_seconds"] > 0 and summary["estimated_evaluation_seconds"] > 0
+    assert re.search(r"  time             about [\d.]+ s per step, [\d.]+ s for the run \(its FLOPs at 70% of", said)
     latest = tmp_path / "outputs" / "latest"
     assert os.readlink(latest) == str(run.relative_to(tmp_path / "outputs"))  # relative, inside outputs/
     assert (latest / "checkpoints" / "last.ckpt").is_file() and (latest / "csv" / "metrics.csv").is_file()

@@ -1,32 +1,28 @@
 """What a person sees: the run in a terminal (a pseudo-terminal, its screen rebuilt as a
 terminal draws it), the run's output in a file or pipe, --help and shell completion."""
 
-import fcntl
 import itertools
+import logging
 import os
-import pty
 import re
-import select
 import shlex
-import struct
 import subprocess
 import sys
-import termios
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from fineweb_gpt import console
 from fineweb_gpt.config_files import group_options
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.run.names import METRICS_FILE
 from fineweb_gpt.run.run_files import read_metrics
 from fineweb_gpt.run.stop_signals import RunStopped
-from fineweb_gpt.train import train
-from helpers import SMALL, TESTS_DIR, cli_env, run_cli
+from fineweb_gpt.training import train
+from helpers import SMALL, TERMINAL_COLUMNS, TESTS_DIR, cli_env, run_cli, run_in_terminal
 
-COLUMNS = 120
 # Lines a run must not print: Lightning's own bars, notices and advertisement, a library's
 # deprecation warning, W&B's warnings about the arguments Lightning passes it.
 NOISE = [
@@ -46,37 +42,7 @@ NOISE = [
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\]\[[\w.]+\]\[[A-Z]+\] - ")
 
 
-def run_in_terminal(*args: str, cwd: Path, timeout: float = 600) -> tuple[int, str]:
-    """Run `python -m fineweb_gpt.train ARGS` with a terminal (COLUMNS wide) as its stdin, stdout
-    and stderr, as in tmux or an ssh session; returns (exit code, everything it wrote)."""
-    controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, COLUMNS, 0, 0))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fineweb_gpt.train", *args],
-        cwd=cwd,
-        env=cli_env({"TERM": "xterm"}),
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-    )
-    os.close(terminal)
-    output, deadline = b"", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if select.select([controller], [], [], 0.5)[0]:
-            try:
-                chunk = os.read(controller, 65536)
-            except OSError:  # the terminal closed: the process and its children are gone
-                break
-            if not chunk:
-                break
-            output += chunk
-        elif process.poll() is not None:
-            break
-    os.close(controller)
-    return process.wait(timeout=max(1.0, deadline - time.monotonic())), output.decode(errors="replace")
-
-
-def screen(output: str, width: int = COLUMNS) -> list[str]:
+def screen(output: str, width: int = TERMINAL_COLUMNS) -> list[str]:
     """The lines a terminal shows after drawing `output`: carriage returns go back to the start
     of the line, ESC[A up one line, text overwrites what is there, long lines wrap."""
     lines: list[list[str]] = [[]]
@@ -119,10 +85,14 @@ def seconds(clock: str) -> int:
 
 
 def test_in_a_terminal_log_lines_go_above_one_clean_bar(tmp_path):
+    # Step 4 is slow (2.5 s before its first micro-batch): inside it, the bar shows the micro-batches.
+    slow = ["+callbacks.slow._target_=helpers.PauseMidStep", "+callbacks.slow.step=3", "+callbacks.slow.seconds=2.5"]
     code, output = run_in_terminal(
-        *SMALL, "trainer.max_steps=6", "val_every_steps=3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
+        *SMALL, "trainer.max_steps=6", "val_every_steps=3", *slow, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
     )
     assert code == 0, output[-3000:]
+    inside = [state for state in bar_states(output, "Training:") if "micro-batch" in state]
+    assert inside and all(re.search(r"\| 3/6 \[.*, micro-batch 1/2\]$", state) for state in inside), inside
     shown = screen(output)
     # Each log line starts a line of its own, whole; the bar is never cut by one.
     logged = [line for line in shown if "][fineweb_gpt][" in line]
@@ -248,3 +218,39 @@ def test_the_documented_shell_completion_completes_groups_and_options(tmp_path):
     )
     assert completion.returncode == 0, completion.stderr
     assert completion.stdout.split() == [f"logger={option}" for option in group_options("logger")]
+
+
+def test_outside_a_terminal_a_long_step_and_evaluation_say_how_far_they_have_come(monkeypatch, caplog):
+    """124m on a CPU: 128 micro-batches of about 30 s a step, and a step-0 evaluation of minutes."""
+    clock = [1000.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: clock[0])
+    caplog.set_level(logging.INFO, logger="fineweb_gpt")
+    bar = console.StepProgressBar()
+    bar.terminal = False
+    trainer = SimpleNamespace(
+        global_step=0,
+        max_steps=4715,
+        accumulate_grad_batches=128,
+        log_every_n_steps=1,
+        progress_bar_metrics={},
+        sanity_checking=True,
+        num_sanity_val_batches=[4],
+    )
+    bar.on_validation_start(trainer, None)
+    for batch in range(4):  # 45 s a batch
+        clock[0] += 45
+        bar.on_validation_batch_end(trainer, None, None, None, batch)
+    bar.on_validation_end(trainer, None)
+    trainer.sanity_checking = False
+    bar.on_train_start(trainer, None)
+    for micro_batch in range(127):  # still accumulating the first step
+        clock[0] += 30
+        bar.on_train_batch_end(trainer, None, None, None, micro_batch)
+    said = [record.getMessage() for record in caplog.records]
+    assert said[:3] == [
+        "evaluating at step 0: batch 2/4, 1m30s so far",
+        "evaluating at step 0: batch 4/4, 3m00s so far",
+        "step 1/4715: micro-batch 2/128, 1m00s into the step",
+    ]
+    assert said[-1] == "step 1/4715: micro-batch 126/128, 1h03m into the step"
+    assert len(said) == 2 + 63  # one line a minute, no more

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fineweb_gpt.data.settings import DataSettings
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [e.name for e in metadata.distribution("fineweb_gpt").entry_points if e.group == "console_scripts"]
 OFFLINE = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
@@ -21,14 +23,28 @@ def installed(script: str) -> Path:
     return path
 
 
+# Commands whose --help loads neither torch nor Lightning (the others load torch, never Lightning).
+WITHOUT_TORCH = {"fineweb-gpt-train", "fineweb-gpt-doctor", "fineweb-gpt-sweep"}
+
+
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_every_console_script_answers_help_from_another_folder(script, tmp_path):
+    profiled = {**OFFLINE, "PYTHONPROFILEIMPORTTIME": "1"}  # every module imported, on stderr
     result = subprocess.run(
-        [installed(script), "--help"], cwd=tmp_path, env=OFFLINE, capture_output=True, text=True, timeout=120
+        [installed(script), "--help"], cwd=tmp_path, env=profiled, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(result.stdout.splitlines()) >= 3 and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # asking for help writes nothing
+    assert result.stdout.startswith(script) or f"usage: {script}" in result.stdout  # its own name
+    if script == "fineweb-gpt-tokenize":  # options with a default say it
+        assert f"(default: {DataSettings.val_fraction})" in " ".join(result.stdout.split())  # as data= holds out
+        assert "(default: 100000000)" in result.stdout
+    # Loading Lightning takes seconds: help answers without it.
+    profile = [line for line in result.stderr.splitlines() if line.startswith("import time")]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in profile}
+    assert "lightning" not in imported
+    assert ("torch" not in imported) == (script in WITHOUT_TORCH), script
 
 
 def test_train_script_composes_the_config_from_another_folder(tmp_path):

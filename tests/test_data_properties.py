@@ -18,7 +18,7 @@ from fineweb_gpt.data import DataSettings, FineWebDataModule, TokenWindowStream,
 from fineweb_gpt.data.holdout import is_validation_document
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, gpt2_tokenizer
-from fineweb_gpt.train import train
+from fineweb_gpt.training import train
 from helpers import SMALL
 
 SPECIAL_LOOKING = [END_OF_TEXT, "<|endoftext|><|endoftext|>", "<|fim_prefix|>", "<|im_start|>", "<|endofprompt|>"]

@@ -19,7 +19,7 @@ from fineweb_gpt.tokenizer import END_OF_TEXT_ID, gpt2_tokenizer
 from helpers import SMALL, TESTS_DIR, run_cli
 
 BLOCK = 32
-SAMPLE_VAL_FRACTION = 0.05  # data=sample's
+SAMPLE_VAL_FRACTION = 0.05  # more held-out documents than data.val_fraction's default
 
 
 def write_llm_c_shard(path: Path, tokens, version: int = 1, magic: int = 20240520, count: int | None = None) -> Path:
@@ -223,7 +223,8 @@ def test_token_shards_train_to_the_parquet_paths_val_loss(sample_shards, tmp_pat
         assert result.returncode == 0, result.stderr[-3000:]
         return final_val_loss(tmp_path / name)
 
-    parquet = [train(f"parquet{seed}", "data=sample", f"seed={seed}") for seed in (1, 2)]
+    held_out = f"data.val_fraction={SAMPLE_VAL_FRACTION}"  # as the shards were tokenized
+    parquet = [train(f"parquet{seed}", "data=sample", held_out, f"seed={seed}") for seed in (1, 2)]
     shards = train("shards", "data=token_shards", f"data.paths={sample_shards}", "seed=1")
     noise = abs(parquet[0] - parquet[1])  # another data order (and initialisation) of the same documents
     print(f"final val loss: parquet {parquet}, token shards {shards:.4f}")

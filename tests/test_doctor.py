@@ -27,12 +27,13 @@ from doctor_fixtures import (
     write_run_folder,
 )
 from fineweb_gpt.doctor.checks import diagnose
-from fineweb_gpt.doctor.cli import main
+from fineweb_gpt.doctor.cli import main, plot_title
 from fineweb_gpt.doctor.plot import loss_figure, plot_losses
 from fineweb_gpt.doctor.record import RunRecord
 from fineweb_gpt.doctor.report import render_markdown
 from fineweb_gpt.doctor.sources import read_run
 from fineweb_gpt.errors import ConfigError
+from helpers import run_in_terminal
 
 STEP_TOKENS = 524_288  # the plateau log: 16 x 1024 x 32
 OWT_TOKENS = 491_520  # nanoGPT's config/train_gpt2.py: 12 x 1024 x 40
@@ -248,6 +249,22 @@ def test_doctor_on_a_run_folder_writes_report_and_plot_beside_it(tmp_path, capsy
     assert "## Problems (2)" in report and "model.n_embd=768" in report and "model.dropout=0.0" in report
     assert "### Batch plan for 12 GB (uncompiled figures)" in report and "(measured, uncompiled)" in report
     assert (run_dir / "REPORT.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_in_a_terminal_the_report_is_plain_text_and_the_plot_says_which_run(tmp_path):
+    summary = run_summary(model_name="124m", dropout=0.1, compile=False)
+    run_dir = write_run_folder(tmp_path / "run", summary, metric_rows(summary, train_gap=0.05))
+    code, output = run_in_terminal(str(run_dir), cwd=tmp_path, module="fineweb_gpt.doctor")
+    assert code == 0, output[-3000:]
+    shown = output.replace("\r\n", "\n")
+    assert shown.startswith(f"Run doctor: `fineweb_gpt run folder {run_dir}`\n\n  source     fineweb_gpt run folder\n")
+    assert "\nProblems (2)\n" in shown and "\n    Fix: " in shown
+    assert not any(mark in shown for mark in ("![", "| source |", "## ", "**Fix:**"))  # no markdown marks
+    assert shown.endswith(f"Report: {run_dir / 'REPORT.md'}\nPlot: {run_dir / 'REPORT.png'}\n")
+    assert "![train and val loss" in (run_dir / "REPORT.md").read_text()  # the file stays markdown
+    title = plot_title(read_run(run_dir), run_dir)
+    assert title == f"{run_dir}: 124m, 40.56M parameters"
+    assert loss_figure(read_run(run_dir), False, title).axes[0].get_title() == title
 
 
 def test_run_folder_without_a_summary_reads_the_hydra_config(tmp_path):

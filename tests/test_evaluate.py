@@ -16,7 +16,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from fineweb_gpt.data import FineWebDataModule, bundled_sample_path
+from fineweb_gpt.config_files import load_option
+from fineweb_gpt.data import FineWebDataModule, bundled_sample_path, is_validation_document, read_documents
+from fineweb_gpt.data.tokens import tokenize_documents
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.evaluate import evaluate
 from fineweb_gpt.run.names import METRICS_FILE
@@ -77,13 +79,18 @@ def test_console_script_scores_the_bundled_sample_by_default(trained_run, tmp_pa
     done = run_eval(f"ckpt={ckpt}", cwd=tmp_path, command=eval_command())
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((trained_run / "checkpoints" / "step000004.eval.json").read_text())
-    # data=sample holds out 5% of its documents and scores their first 16384 tokens: 512 windows of 32.
-    assert (result["tokens"], result["windows"], result["split"], result["step"]) == (16384, 512, "val", STEPS)
+    # data=sample holds out 1% of its documents, fewer tokens than its 16384: every whole window of them.
+    keys, texts = read_documents([bundled_sample_path()], "text")
+    fraction = load_option("data", "sample")["val_fraction"]
+    held_out = tokenize_documents([t for k, t in zip(keys, texts) if is_validation_document(k, fraction)])
+    windows = len(held_out) // 33
+    assert (result["tokens"], result["windows"], result["split"]) == (32 * windows, windows, "val")
+    assert result["step"] == STEPS and 32 * windows < 16384
     assert result["data"]["bundled_sample"] is True and result["data"]["block_size"] == 32
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     assert result["checkpoint"] == str(ckpt.resolve())
     assert done.stdout.startswith("held-out documents of the bundled sample: loss ")
-    assert "scoring" in done.stderr  # the progress bar
+    assert done.stderr == ""  # the progress bar only in a terminal: a log file would get every redraw
     assert os.listdir(tmp_path) == []
 
 
@@ -133,8 +140,10 @@ def test_bad_input_is_refused_before_any_scoring(compose_eval, trained_run, tmp_
     cases = {
         (): "ckpt is required",
         (f"ckpt={tmp_path / 'none.ckpt'}",): f"ckpt={tmp_path / 'none.ckpt'} does not exist",
-        (f"ckpt={damaged}",): f"ckpt={damaged} is not a readable checkpoint",
+        (f"ckpt={damaged}",): f"ckpt={damaged} is damaged (",
         (f"ckpt={tmp_path}",): f"ckpt={tmp_path} is a folder",
+        (f"ckpt={tmp_path}/none/checkpoints/last.ckpt",): f"no checkpoint here, {tmp_path}/none/checkpoints is missing",
+        (f"ckpt={trained_run}",): f"ckpt={trained_run} is a folder; give ckpt={trained_run}/checkpoints/last.ckpt",
         (f"ckpt={ckpt}", "data=single_parquet"): "data.path has no value",
         (f"ckpt={ckpt}", "data=single_parquet", f"data.path={tmp_path}/no.parquet"): "no.parquet does not exist",
         (f"ckpt={ckpt}", "data.block_size=64"): "data.block_size=64 must be a whole number from 1 to the checkpoint's",

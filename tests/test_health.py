@@ -2,6 +2,7 @@
 problem warned about once, at the evaluation where it first appears; a healthy run warns nothing."""
 
 import logging
+from pathlib import Path
 
 from doctor_fixtures import CHINCHILLA_STEPS_40M, TOKENS_PER_STEP, metric_rows, power_law, run_summary
 from fineweb_gpt.monitor.health import RunHealth
@@ -19,11 +20,13 @@ def warnings_logged(caplog) -> list[str]:
 
 def test_each_problem_is_warned_once_when_it_first_appears(caplog):
     summary = run_summary(model_name="124m")  # a 40.56M model named 124m: wrong from the start
-    monitor = RunHealth(summary, already_warned=set())
+    monitor = RunHealth(summary, already_warned=set(), run_dir=str(Path.cwd() / "outputs" / "run"))
     caplog.set_level(logging.WARNING, logger="fineweb_gpt")
 
-    monitor.check()  # as HealthMonitor does when training starts
-    assert [m.split(".")[0] for m in warnings_logged(caplog)] == ["Run health: Model size does not match its name"]
+    monitor.check()  # as HealthMonitor does when training starts: one short line, the evidence in the doctor's
+    assert warnings_logged(caplog) == [
+        "Run health: Model size does not match its name. Why, and what to change: fineweb-gpt-doctor outputs/run"
+    ]
 
     first_overfit_eval = None
     for row in metric_rows(summary, val_loss=overfitting_after_half, noise=0.0):
@@ -78,7 +81,7 @@ def test_training_imports_the_checks_but_not_the_doctors_report_tool():
     from helpers import cli_env
 
     script = (
-        "import sys, fineweb_gpt.train\n"
+        "import sys, fineweb_gpt.training\n"
         "print(' '.join(sorted(m for m in sys.modules if m.startswith('fineweb_gpt.doctor'))))"
     )
     loaded = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True, check=True)
@@ -93,7 +96,7 @@ def test_a_resumed_run_does_not_warn_or_log_again_what_it_already_warned_about()
 
     from fineweb_gpt.monitor.health import HealthMonitor
 
-    summary = SimpleNamespace(summary=run_summary(max_steps=10), already_warned=set())  # 10 steps: undertrained
+    summary = SimpleNamespace(summary=run_summary(max_steps=10), already_warned=set(), run_dir=None)  # undertrained
     first = HealthMonitor(summary)
     rows = []
     logger = SimpleNamespace(log_metrics=lambda row, step: rows.append((step, row)))

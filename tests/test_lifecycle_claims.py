@@ -319,6 +319,7 @@ def test_a_resume_with_changed_data_batch_seed_and_rate_is_warned_and_takes_the_
     changed += ["val_every_steps=4"]  # before, not named: only a hand-kept list of settings was compared
     result = run_cli(*RUN, *changed, "trainer.max_steps=4", "resume=auto", f"hydra.run.dir={run_dir}", cwd=TESTS)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "exists and is not empty" not in result.stdout + result.stderr  # Lightning's notice on every resume
     warning = next(line for line in result.stdout.splitlines() if "settings that differ" in line)
     for difference in (
         f"optim.lr {old_lr} -> 0.001",

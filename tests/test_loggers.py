@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from fineweb_gpt.loggers import AppendingCSVLogger, WandbLogger, build_loggers
 from fineweb_gpt.run.names import METRICS_FILE
 from fineweb_gpt.run.run_files import read_metrics
-from fineweb_gpt.train import train
+from fineweb_gpt.training import train
 from helpers import SMALL, cli_env
 
 ROWS = 200

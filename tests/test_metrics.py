@@ -18,7 +18,7 @@ from fineweb_gpt.flops import (
 )
 from fineweb_gpt.model import GPT, GPTConfig
 from fineweb_gpt.monitor.step_metrics import StepMetrics
-from fineweb_gpt.train import train
+from fineweb_gpt.training import train
 from helpers import CONF_DIR, SMALL, recorded_batches, run_cli
 
 PER_STEP = {

@@ -15,7 +15,7 @@ from fineweb_gpt.config_files import load_option
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.flops import gpt2_shaped, human_count, parameter_count
 from fineweb_gpt.lit_module import GPTLightningModule, LossGuard
-from fineweb_gpt.train import train
+from fineweb_gpt.training import train
 from helpers import SMALL, quiet_cpu_trainer, run_cli
 
 # Dropout on, so a resumed run must also continue the random streams; two data workers,

@@ -124,7 +124,26 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
 def test_corrupt_checkpoint_is_one_line(tmp_path, capsys):
     bad = tmp_path / "last.ckpt"
     bad.write_bytes(b"this is not a checkpoint")
-    assert f"ckpt={bad} is not a readable checkpoint" in one_line_error(capsys, f"ckpt={bad}")
+    assert f"ckpt={bad} is not a checkpoint (not a file torch.save writes)" in one_line_error(capsys, f"ckpt={bad}")
+
+
+def test_a_file_holding_code_is_not_a_checkpoint_and_no_advice_to_load_it_unsafely(tmp_path, capsys):
+    crafted = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "hook": print}, crafted)  # loading it in full would run code from the file
+    err = one_line_error(capsys, f"ckpt={crafted}")
+    assert f"ckpt={crafted} is not a checkpoint (it holds objects other than tensors and plain values)" in err
+    assert "weights_only" not in err
+
+
+def test_the_prompt_can_come_from_a_file(memorised_checkpoint, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quick brown", encoding="utf-8")
+    args = [f"ckpt={memorised_checkpoint}", f"prompt=FILE:{prompt}", "num_samples=1", "top_k=1", "device=cpu"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("The quick brown fox jumps over the lazy dog")
+    missing = tmp_path / "none.txt"
+    err = one_line_error(capsys, "ckpt=x", f"prompt=FILE:{missing}")
+    assert f"prompt=FILE:{missing}: {missing} does not exist" in err
 
 
 def test_checkpoint_with_another_tokenizer_is_refused(memorised_checkpoint, tmp_path, capsys):

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.model import GPT, GPTConfig, KVCache
 from fineweb_gpt.optimization import CombinedOptimizer
-from fineweb_gpt.train import train
+from fineweb_gpt.training import train
 from helpers import CONF_DIR, SMALL  # noqa: F401
 
 # Long enough for the variants' losses to part: two layers, 30 steps, a higher learning rate.

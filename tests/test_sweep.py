@@ -123,6 +123,10 @@ def test_a_sweep_preset_keeps_only_each_runs_final_checkpoint(tmp_path):
 def test_sweep_table_command_refuses_a_folder_without_runs(tmp_path, capsys):
     assert sweep_main([str(tmp_path)]) == 2
     assert "holds no sweep runs" in capsys.readouterr().err
+    assert sweep_main([str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope'} does not exist; give a sweep's folder: " + (
+        "outputs/multirun/<date>/<time>\n"
+    )
 
 
 def fake_run(sweep_dir: Path, name: str, overrides: list[str], result: dict, val_losses=(), checkpoint=None) -> Path:
@@ -327,7 +331,7 @@ def test_fsdp_on_two_processes_trains_like_ddp_and_resumes_exactly(tmp_path):
 )
 def test_fsdp_that_cannot_shard_is_refused_in_one_line(make_config, overrides, culprit):
     from fineweb_gpt.errors import ConfigError
-    from fineweb_gpt.train import train
+    from fineweb_gpt.training import train
 
     with pytest.raises(ConfigError, match=culprit) as error:
         train(make_config("trainer=fsdp", *overrides))

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.optimization import learning_rate
 from fineweb_gpt.plan import count_devices, gradient_accumulation, plan_run
-from fineweb_gpt.train import train
+from fineweb_gpt.training import train
 from helpers import CONF_DIR, SMALL, quiet_cpu_trainer, recorded_batches, run_cli
 
 

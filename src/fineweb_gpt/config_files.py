@@ -26,6 +26,11 @@ def config_dir() -> Path:
     raise ConfigError(f"fineweb_gpt's config folder (conf/train.yaml) is missing beside {PACKAGE_DIR}; reinstall it")
 
 
+def config_groups() -> list[str]:
+    """The config groups a command line chooses options of (model, data, hw, ...), Hydra's own aside."""
+    return sorted(path.name for path in config_dir().iterdir() if path.is_dir() and path.name != "hydra")
+
+
 def group_options(group: str) -> list[str]:
     """The options of a config group: group_options('model') -> ['124m', '40m', 'tiny']."""
     return sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
@@ -43,6 +48,11 @@ def load_option(group: str, option: str) -> dict:
     for entry in defaults if "_self_" in defaults else [*defaults, "_self_"]:  # Hydra's order: _self_ last
         merged = OmegaConf.merge(merged, own if entry == "_self_" else load_option(group, entry))
     return OmegaConf.to_container(merged)
+
+
+def options_with_key(group: str, key: str) -> list[str]:
+    """The options of a config group that set `key`: options_with_key('data', 'path') -> ['single_parquet']."""
+    return [option for option in group_options(group) if key in load_option(group, option)]
 
 
 def build(node: DictConfig, refusals: tuple = (), **kwargs):
@@ -64,6 +74,15 @@ def hydra_choices() -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
+def set_on_command_line(key: str) -> bool:
+    """Whether this job's command line sets `key` (data.val_tokens=..., +data.val_tokens=...)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    return any(override.split("=", 1)[0].lstrip("+~") == key for override in HydraConfig.get().overrides.task)
 
 
 def in_multirun() -> bool:

@@ -21,16 +21,17 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from fineweb_gpt.config_files import build, config_dir
+from fineweb_gpt.command_line import run_hydra_command
+from fineweb_gpt.config_files import build, hydra_choices
+from fineweb_gpt.data.settings import check_source_keys
 from fineweb_gpt.errors import ConfigError, OutOfMemory, UserError, exit_with
 from fineweb_gpt.evals.hellaswag import HUB_REPO, load_examples, score_examples
 from fineweb_gpt.model import GPT
-from fineweb_gpt.run.checkpoint_files import load_gpt
+from fineweb_gpt.run.checkpoint_files import checkpoint_file, load_gpt
 from fineweb_gpt.safe_files import write_atomically
 
 SPLITS = {"val": "held-out documents", "all": "every document"}
@@ -49,6 +50,7 @@ def check_options(cfg: DictConfig) -> tuple[str, Path]:
     examples = cfg.hellaswag.examples
     if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
         raise ConfigError(f"hellaswag.examples={examples} must be a whole number of at least 1, or null for all")
+    check_source_keys(cfg.data, hydra_choices().get("data"))
     if cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split} is not one of val (held-out documents), all (every document)")
     if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
@@ -58,7 +60,7 @@ def check_options(cfg: DictConfig) -> tuple[str, Path]:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but this machine has no CUDA GPU; use device=cpu")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    ckpt = Path(str(cfg.ckpt))
+    ckpt = checkpoint_file(str(cfg.ckpt))  # before its folder is checked for the results
     suffix = "eval" if cfg.task == "loss" else cfg.task
     out = Path(str(cfg.out)) if cfg.out else ckpt.with_name(f"{ckpt.stem}.{suffix}.json")
     if not os.access(out.parent, os.W_OK):
@@ -106,7 +108,8 @@ def score(model: GPT, batches, device: str, batch_size: int) -> tuple[float, int
     windows = block_size = 0
     try:
         with autocast:
-            for batch in tqdm(batches, desc="scoring", unit="batch", file=sys.stderr, dynamic_ncols=True):
+            # disable=None: no bar where stderr is not a terminal (a log file would get every redraw).
+            for batch in tqdm(batches, desc="scoring", unit="batch", file=sys.stderr, dynamic_ncols=True, disable=None):
                 batch = batch.to(device, non_blocking=True)
                 _, loss = model(batch[:, :-1], batch[:, 1:])
                 loss_sum += loss.double() * batch.size(0)
@@ -209,7 +212,7 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """The console script and `python -m fineweb_gpt.evaluate`, from any folder."""
-    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")(main)()
+    run_hydra_command(main, "eval")
 
 
 if __name__ == "__main__":

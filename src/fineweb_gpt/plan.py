@@ -24,6 +24,7 @@ from fineweb_gpt.errors import ConfigError, OutOfMemory
 from fineweb_gpt.evals.in_training import hellaswag_interval
 from fineweb_gpt.flops import chinchilla_tokens, gpu_for_device, human_count, model_flops_per_token, parameter_count
 from fineweb_gpt.model import GPTConfig
+from fineweb_gpt.time_estimate import evaluation_plan
 from fineweb_gpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 
 log = logging.getLogger("fineweb_gpt")
@@ -33,7 +34,7 @@ LIGHTNING_FSDP = "lightning.pytorch.strategies.FSDPStrategy"
 # --- checks -------------------------------------------------------------------------------
 
 
-def check_config(cfg: DictConfig, hw_name: str) -> None:
+def check_config(cfg: DictConfig, hw_name: str, data_name: str | None = None) -> None:
     """Refuse a run that cannot work before any data is read."""
     try:  # every ${...} of the config, before anything uses one
         OmegaConf.to_container(cfg, resolve=True)
@@ -48,7 +49,7 @@ def check_config(cfg: DictConfig, hw_name: str) -> None:
             f"{missing[0]} has no value; set it on the command line, e.g. {missing[0]}=/data/fineweb/000_00000.parquet"
         )
     check_values(cfg)
-    check_data_config(cfg.data, cfg.hw.micro_batch_size)
+    check_data_config(cfg.data, cfg.hw.micro_batch_size, data_name)
     model_config(cfg.model)
     if cfg.hw.requires_cuda and not torch.cuda.is_available():
         raise ConfigError(f"hw={hw_name} needs a CUDA GPU and this machine has none; use hw=cpu (or hw=auto)")
@@ -257,7 +258,7 @@ def peak_flops(hw: DictConfig, hw_name: str) -> float | None:
 
 def plan_run(cfg: DictConfig, choices: dict) -> dict:
     """Check the config, then work out the run: what train.py builds from and the summary reports."""
-    check_config(cfg, choices.get("hw", "custom"))
+    check_config(cfg, choices.get("hw", "custom"), choices.get("data"))
     world_size = world_size_of(cfg.trainer)
     accumulation = gradient_accumulation(
         cfg.total_batch_tokens, cfg.hw.micro_batch_size, cfg.data.block_size, world_size
@@ -317,6 +318,8 @@ def run_plan(
             on_gpu=not on_cpu(cfg.trainer.accelerator),
             sharded=is_fsdp(cfg.trainer.strategy),
         ),
+        "data_name": choices.get("data", "custom"),
+        **evaluation_plan(cfg, choices.get("data"), max_steps, tokens_per_step, on_cpu(cfg.trainer.accelerator)),
         "flops_per_token": model_flops_per_token(model_config, block_size),
     }
 

@@ -1,10 +1,12 @@
-"""python -m fineweb_gpt.sample ckpt=PATH prompt="...": continue a prompt with a trained model.
+"""fineweb-gpt-sample ckpt=PATH prompt="...": continue a prompt with a trained model
+(python -m fineweb_gpt.sample takes the same options).
 
-    python -m fineweb_gpt.sample ckpt=outputs/2026-11-22/10-00-00/checkpoints/last.ckpt prompt="The meaning of"
+    fineweb-gpt-sample ckpt=outputs/2026-11-22/10-00-00/checkpoints/last.ckpt prompt="The meaning of"
+    fineweb-gpt-sample ckpt=outputs/latest/checkpoints/last.ckpt prompt=FILE:prompt.txt
 
 Options are key=value, like the training command line's:
   ckpt            the checkpoint (required)
-  prompt          text to continue (default: empty, a new document)
+  prompt          text to continue, or FILE:path for a file's text (default: empty, a new document)
   num_samples     1 to 100 (default 3)
   max_new_tokens  1 to 100,000 tokens per sample (default 200)
   temperature     0.001 to 100 (default 0.8)
@@ -45,6 +47,7 @@ MAX_NEW_TOKENS = 100_000
 # every token is about equally likely.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 100.0
 MAX_SEED = 2**64 - 1  # torch.Generator's range
+PROMPT_FILE = "FILE:"  # prompt=FILE:path reads the prompt from a file
 
 
 def whole_number(key: str, value, low: int, high: int, advice: str) -> int:
@@ -76,6 +79,7 @@ def parse_options(args: list[str]) -> dict:
         options[key] = value
     if not options["ckpt"]:
         raise ConfigError("ckpt is required: ckpt=outputs/<date>/<time>/checkpoints/last.ckpt")
+    options["prompt"] = prompt_text(options["prompt"])
     options["num_samples"] = whole_number(
         "num_samples", options["num_samples"], 1, MAX_NUM_SAMPLES, "for more, run again with another seed"
     )
@@ -106,6 +110,20 @@ def parse_options(args: list[str]) -> dict:
     elif options["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but this machine has no CUDA GPU; use device=cpu")
     return options
+
+
+def prompt_text(prompt: str) -> str:
+    """The prompt, or with prompt=FILE:path the file's text (as nanoGPT's start=FILE:...)."""
+    if not prompt.startswith(PROMPT_FILE):
+        return prompt
+    path = Path(prompt.removeprefix(PROMPT_FILE)).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"prompt={prompt}: {path} does not exist; give a text file: prompt=FILE:prompt.txt") from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ConfigError(f"prompt={prompt}: {path} cannot be read ({reason}); give a UTF-8 text file") from None
 
 
 def load_model(path: str | Path, device: str = "cpu") -> GPT:

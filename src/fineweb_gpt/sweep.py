@@ -169,9 +169,13 @@ class SweepTable(Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Rebuild a sweep's table from its folder.")
+    parser = argparse.ArgumentParser(prog="fineweb-gpt-sweep", description="Rebuild a sweep's table from its folder.")
     parser.add_argument("sweep_dir", type=Path, help="the multirun folder, e.g. outputs/multirun/2026-11-23/10-00-00")
     args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        what = "is not a folder" if args.sweep_dir.exists() else "does not exist"
+        print(f"error: {args.sweep_dir} {what}; give a sweep's folder: outputs/multirun/<date>/<time>", file=sys.stderr)
+        return 2
     if not any(args.sweep_dir.glob("*/.hydra/overrides.yaml")):
         print(f"error: {args.sweep_dir} holds no sweep runs (no */.hydra/overrides.yaml)", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from fineweb_gpt.data.holdout import document_keys, is_validation_document
 from fineweb_gpt.data.hub_files import download_hub_files
 from fineweb_gpt.data.parquet_files import ParquetInfo, estimate_train_tokens, expand_paths, inspect_parquet, reading
+from fineweb_gpt.data.settings import DataSettings
 from fineweb_gpt.data.token_shards import TOKEN_DTYPE, ShardWriter
 from fineweb_gpt.data.tokens import tokenize_documents
 from fineweb_gpt.errors import ConfigError, UserError, exit_with
@@ -136,14 +137,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hf-repo", help="a Hugging Face dataset repository, e.g. HuggingFaceFW/fineweb")
     parser.add_argument("--hf-files", nargs="+", help="patterns of its files, e.g. 'sample/10BT/*.parquet'")
     parser.add_argument("--cache-dir", help="where Hub files are cached (default: the Hugging Face cache)")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--val-fraction", type=float, default=0.005, help="documents held out (as data.val_fraction)")
-    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per training shard")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
+    parser.add_argument("--text-column", default="text", help="the column holding the documents (default: %(default)s)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DataSettings.val_fraction,
+        help="documents held out, as data.val_fraction holds them out (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shard-tokens", type=int, default=100_000_000, help="tokens per training shard (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     try:
         if not 0.0 < args.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction {args.val_fraction} must be between 0 and 1, e.g. 0.005")
+            example = DataSettings.val_fraction
+            raise ConfigError(f"--val-fraction {args.val_fraction} must be between 0 and 1, e.g. {example}")
         if not 0 < args.shard_tokens <= MAX_SHARD_TOKENS:
             raise ConfigError(f"--shard-tokens {args.shard_tokens} must be between 1 and {MAX_SHARD_TOKENS}")
         if bool(args.hf_repo) != bool(args.hf_files):

@@ -35,7 +35,6 @@ Nothing here reads a file or imports `datasets` at import time.
 import importlib
 
 from fineweb_gpt.data.holdout import is_validation_document, read_documents
-from fineweb_gpt.data.loader import make_loader
 from fineweb_gpt.data.parquet_files import bundled_sample_path, inspect_parquet, resolve_parquet_files
 from fineweb_gpt.data.parquet_stream import StreamPosition, TokenWindowStream
 from fineweb_gpt.data.settings import DataSettings
@@ -59,9 +58,18 @@ __all__ = [
 ]
 
 
+LIGHTNING_USERS = {
+    "FineWebDataModule": "fineweb_gpt.data.datamodules",
+    "HubStreamDataModule": "fineweb_gpt.data.datamodules",
+    "TokenShardDataModule": "fineweb_gpt.data.datamodules",
+    "make_loader": "fineweb_gpt.data.loader",
+}
+
+
 def __getattr__(name: str):
-    """The DataModules on first use (the config's `_target_: fineweb_gpt.data.FineWebDataModule`):
-    they bring in Lightning, which fineweb-gpt-tokenize and the doctor never need."""
-    if name in ("FineWebDataModule", "HubStreamDataModule", "TokenShardDataModule"):
-        return getattr(importlib.import_module("fineweb_gpt.data.datamodules"), name)
+    """The DataModules and the DataLoaders on first use (the config's `_target_:
+    fineweb_gpt.data.FineWebDataModule`): they bring in Lightning, which fineweb-gpt-tokenize and
+    the doctor never need."""
+    if name in LIGHTNING_USERS:
+        return getattr(importlib.import_module(LIGHTNING_USERS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

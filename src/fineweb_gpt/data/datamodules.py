@@ -75,7 +75,7 @@ class StreamDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "fit" and self.settings.val_fraction >= 1.0:
-            raise ConfigError("data.val_fraction=1 holds out every document, leaving none to train on; use e.g. 0.005")
+            raise ConfigError("data.val_fraction=1 holds out every document, leaving none to train on; use e.g. 0.01")
         if self.val_windows is not None:
             return
         if self.trainer is not None:

@@ -23,7 +23,7 @@ class DataSettings:
     block_size: int  # tokens per training sequence; windows hold block_size + 1 (inputs and shifted targets)
     micro_batch_size: int
     text_column: str = "text"
-    val_fraction: float = 0.005
+    val_fraction: float = 0.01  # every source's default, so a file holds out the same documents in each
     val_tokens: int | None = 1_048_576  # None: every held-out token (scoring a whole file)
     num_workers: int = 2
     rows_per_chunk: int = 1024
@@ -51,7 +51,7 @@ class DataSettings:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise ConfigError(
                 f"data.val_fraction={fraction!r} must be a fraction above 0 and at most 1 (of documents held out), "
-                "e.g. data.val_fraction=0.005"
+                "e.g. data.val_fraction=0.01"
             )
 
     @property
@@ -64,8 +64,27 @@ class DataSettings:
         return max(1, self.num_workers)
 
 
-def check_data_config(data, micro_batch_size) -> DataSettings:
-    """The shared data settings of a composed config (cfg.data), checked before anything is built."""
+def check_data_config(data, micro_batch_size, source: str | None = None) -> DataSettings:
+    """The shared data settings of a composed config (cfg.data), checked before anything is built;
+    `source` is the data= option chosen."""
+    check_source_keys(data, source)
     names = [f.name for f in fields(DataSettings) if f.name != "micro_batch_size"]
     given = {name: data[name] for name in names if name in data}
     return DataSettings(micro_batch_size=micro_batch_size, **given)
+
+
+def check_source_keys(data, source: str | None) -> None:
+    """A key the chosen source does not read is refused, naming the source that does: with
+    data=sample, `+data.path=x.parquet` would otherwise train on the bundled sample without a word.
+    A data config of the user's own (not in conf/data) is theirs to define."""
+    from fineweb_gpt.config_files import group_options, load_option, options_with_key  # Hydra: not for tokenize
+
+    if source not in group_options("data"):
+        return
+    own = load_option("data", source)
+    for key in data:
+        if key in own:
+            continue
+        readers = options_with_key("data", key)
+        where = f"data={' or data='.join(readers)} reads it: use data={readers[0]}" if readers else "no source reads it"
+        raise ConfigError(f"data.{key} is not a setting of data={source}; {where}")

@@ -13,6 +13,7 @@ REPORT.png; for a log file, or a run folder you cannot write to, into the curren
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from fineweb_gpt.config_files import load_option
@@ -20,10 +21,10 @@ from fineweb_gpt.doctor.checks import diagnose
 from fineweb_gpt.doctor.memory import plan_batch
 from fineweb_gpt.doctor.plot import plot_losses
 from fineweb_gpt.doctor.record import SOURCE_NAMES, RunRecord, sanitized
-from fineweb_gpt.doctor.report import render_markdown
+from fineweb_gpt.doctor.report import render_markdown, render_text
 from fineweb_gpt.doctor.sources import FORMATS, read_run
 from fineweb_gpt.errors import ConfigError, UserError, exit_with
-from fineweb_gpt.flops import gpu_table, size_in_name
+from fineweb_gpt.flops import gpu_table, human_count, size_in_name
 from fineweb_gpt.model import MODEL_KEYS, GPTConfig
 from fineweb_gpt.safe_files import check_target, write_atomically
 
@@ -128,6 +129,14 @@ def run_plan(args: argparse.Namespace) -> None:
         )
 
 
+def plot_title(run: RunRecord, source: Path) -> str:
+    """`outputs/2026-11-22/10-00-00: tiny, 7.23M parameters`: which run, which model."""
+    model = [str(run.get("model_name"))] if run.get("model_name") else []
+    if run.num_params:
+        model.append(f"{human_count(run.num_params)} parameters")
+    return f"{source}: {', '.join(model)}" if model else str(source)
+
+
 def run_doctor(args: argparse.Namespace) -> None:
     run = apply_options(read_run(args.source, args.format), args)
     findings = diagnose(run)
@@ -139,9 +148,9 @@ def run_doctor(args: argparse.Namespace) -> None:
     markdown = render_markdown(title, run, findings, plot_name)
     for name in (report.name, plot_name):  # refuse before writing either
         check_target(folder, name)
-    write_atomically(folder / plot_name, plot_losses(run, args.log_x))
+    write_atomically(folder / plot_name, plot_losses(run, args.log_x, plot_title(run, args.source)))
     write_atomically(folder / report.name, markdown + "\n")
-    print(markdown)
+    print(render_text(title, run, findings) if sys.stdout.isatty() else markdown)
     print(f"Report: {report}{where}\nPlot: {folder / plot_name}")
 
 

@@ -7,14 +7,14 @@ from fineweb_gpt.doctor.record import RunRecord
 from fineweb_gpt.doctor.reference import reference_for
 
 
-def plot_losses(run: RunRecord, log_x: bool) -> bytes:
+def plot_losses(run: RunRecord, log_x: bool, title: str = "") -> bytes:
     """The plot as PNG bytes (written by the caller, through the safe writer)."""
     buffer = io.BytesIO()
-    loss_figure(run, log_x).savefig(buffer, format="png", dpi=120)
+    loss_figure(run, log_x, title).savefig(buffer, format="png", dpi=120)
     return buffer.getvalue()
 
 
-def loss_figure(run: RunRecord, log_x: bool):
+def loss_figure(run: RunRecord, log_x: bool, title: str = ""):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
@@ -22,6 +22,8 @@ def loss_figure(run: RunRecord, log_x: bool):
     figure = Figure(figsize=(9, 5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
+    if title:  # which run and model: the PNG alone (shared, or beside another) says it
+        axes.set_title(title.replace("$", r"\$"), fontsize=10)  # a $ in a name is no mathtext
     # A log axis cannot show the evaluation before training, at 0.
     # Values far outside any loss's range (a crafted or broken log) would break the axes.
     train, val, lr = (

@@ -5,6 +5,7 @@ It imports the checks (doctor.checks and the modules they use), never the doctor
 plot, log readers or command line (a test guards this)."""
 
 import logging
+import os
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
@@ -23,11 +24,14 @@ class RunHealth:
 
     Give it the run summary (run_summary.json's keys) and feed it the metric rows as they are
     logged through observe(); the checks run again whenever an observed row carries val/loss.
+    A warning is one short line, the problem and where its evidence and fix are: the doctor's
+    report on the run folder.
     """
 
-    def __init__(self, summary: dict, already_warned: set[str] | None = None):
+    def __init__(self, summary: dict, already_warned: set[str] | None = None, run_dir: str | None = None):
         self.run = RunRecord(sanitized({"source": "fineweb_gpt", **summary}))
         self.warned: set[str] = set(already_warned or ())
+        self.doctor = f"fineweb-gpt-doctor {shown_path(run_dir)}" if run_dir else "fineweb-gpt-doctor on the run folder"
 
     def observe(self, row: dict) -> list[Finding]:
         """Record one metrics row; after an evaluation's row, return the problems new since the last check."""
@@ -44,7 +48,13 @@ class RunHealth:
 
     @rank_zero_only
     def _warn(self, finding: Finding) -> None:
-        log.warning("Run health: %s. %s. Fix: %s", finding.title, finding.evidence, finding.fix or "see the doctor")
+        log.warning("Run health: %s. Why, and what to change: %s", finding.title, self.doctor)
+
+
+def shown_path(path: str) -> str:
+    """The run folder as a person would type it here: relative when it is below this folder."""
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else str(path)
 
 
 class HealthMonitor(L.Callback):
@@ -60,7 +70,7 @@ class HealthMonitor(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         warned = self.warned | self.summary.already_warned
-        self.health = RunHealth(self.summary.summary, already_warned=warned)
+        self.health = RunHealth(self.summary.summary, already_warned=warned, run_dir=self.summary.run_dir)
         # A resumed run's checks see the rows the run logged before, as the uninterrupted run's did.
         for logger in trainer.loggers:
             if isinstance(logger, AppendingCSVLogger):

@@ -2,12 +2,14 @@
 evaluate and export use, and what a folder of them holds."""
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
 
 from fineweb_gpt.errors import ConfigError, one_line
 from fineweb_gpt.model import GPT, GPTConfig
+from fineweb_gpt.run.names import CHECKPOINTS
 from fineweb_gpt.safe_files import is_regular_file, kind_of, regular_file
 from fineweb_gpt.tokenizer import GPT2_RANKS_SHA256
 
@@ -25,7 +27,7 @@ def checkpoint_step(path: Path) -> tuple[int | None, str | None]:
             return None, "not a training checkpoint"
         return int(checkpoint["global_step"]), None
     except Exception as err:  # every way a file can be damaged or unreadable
-        return None, one_line(err, limit=200)
+        return None, why_unreadable(path, err)
 
 
 def saved_checkpoints(folder: Path) -> tuple[dict[str, int], dict[str, str]]:
@@ -52,15 +54,52 @@ def saved_checkpoints(folder: Path) -> tuple[dict[str, int], dict[str, str]]:
     return loadable, damaged
 
 
+ZIP_START = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+def why_unreadable(path: Path, err: Exception) -> str:
+    """Why torch.load refused a file, in a few words; never torch's advice to load it with
+    weights_only=False, which would run whatever code the file holds."""
+    with open(path, "rb") as file:
+        if file.read(4) != ZIP_START:
+            return "not a checkpoint (not a file torch.save writes)"
+    if isinstance(err, pickle.UnpicklingError):
+        return "not a checkpoint (it holds objects other than tensors and plain values)"
+    return f"damaged ({one_line(err, limit=200).split('. ')[0]})"
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """`path` if it is a file, else a one-line ConfigError that says what is there instead: a run
+    folder (and its checkpoint), a folder without checkpoints, nothing."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():  # a named pipe or a device is said to be one
+            return regular_file(path, "give a .ckpt from training", name=f"ckpt={path}")
+        if path.is_dir():
+            last = path / CHECKPOINTS / "last.ckpt"
+            hint = f"ckpt={last}" if last.is_file() else "a checkpoint such as <run folder>/checkpoints/last.ckpt"
+            raise ConfigError(f"ckpt={path} is a folder; give {hint}")
+        folder = path.parent
+        found = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+    except OSError as err:  # a name too long for the filesystem, a folder we may not enter, ...
+        raise ConfigError(f"ckpt={path} cannot be read ({err.strerror}); give a .ckpt from training") from err
+    if found:
+        raise ConfigError(f"ckpt={path} does not exist; {folder} holds {', '.join(found[:4])}")
+    where = "holds none" if folder.is_dir() else "is missing"
+    raise ConfigError(
+        f"ckpt={path} does not exist: no checkpoint here, {folder} {where} (that run saved none); "
+        "give a checkpoint of a run that saved one"
+    )
+
+
 def load_gpt(path: str | Path, device: str = "cpu") -> tuple[GPT, dict]:
     """The GPT saved in a fineweb_gpt checkpoint, in eval mode, and the checkpoint itself,
     after checking that it is whole, names the bundled tokenizer and holds finite weights."""
-    path = regular_file(path, "give a checkpoint such as <run folder>/checkpoints/last.ckpt", name=f"ckpt={path}")
+    path = checkpoint_file(path)
     try:
         checkpoint = read_checkpoint(path)
     except Exception as err:  # a damaged file fails inside the unpickler in many ways (IndexError, EOFError, ...)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"ckpt={path} is not a readable checkpoint ({reason}); give a .ckpt from training") from err
+        raise ConfigError(f"ckpt={path} is {why_unreadable(path, err)}; give a .ckpt from training") from err
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint.get("hyper_parameters", {}):
         raise ConfigError(f"ckpt={path} holds no model config; give a checkpoint written by fineweb_gpt.train")
     if "tokenizer" not in checkpoint:

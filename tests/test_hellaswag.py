@@ -180,6 +180,7 @@ def test_eval_command_downloads_the_hubs_copy_once_into_hf_home(model, examples,
     assert (result["acc"], result["acc_norm"], result["examples"]) == (scores.acc, scores.acc_norm, len(examples))
     assert result["contexts_cut"] == scores.cut and result["source"] == "Rowan/hellaswag (validation)"
     assert done.stdout.startswith(f"HellaSwag: acc {scores.acc:.4f}, acc_norm {scores.acc_norm:.4f}, 12 examples")
+    assert "HellaSwag:" not in done.stderr and "\r" not in done.stderr  # no progress bar outside a terminal
     cached = hf_home / "hub" / "datasets--Rowan--hellaswag" / "snapshots" / COMMIT / hellaswag.HUB_FILE
     assert read_examples(cached) == examples
     assert [r for r in requests(log) if r.startswith("GET") and "/resolve/" in r] == [

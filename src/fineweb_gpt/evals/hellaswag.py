@@ -220,7 +220,9 @@ def score_examples(
     indices = list(range(len(examples))) if indices is None else indices
     encoded = [encode_example(examples[i], model.config.block_size) for i in indices]
     scores = Scores(examples=len(encoded), cut=sum(e.cut for e in encoded))
-    bar = tqdm(total=len(encoded), desc="HellaSwag", unit="example", file=sys.stderr, disable=not progress)
+    # disable=None as well: no bar where stderr is not a terminal (a log file would get every redraw).
+    shown = None if progress else True
+    bar = tqdm(total=len(encoded), desc="HellaSwag", unit="example", file=sys.stderr, disable=shown)
     with context or nullcontext(), bar:
         for batch in batches_by_length(encoded, batch_size):
             summed, mean = ending_losses(model, [encoded[i] for i in batch], device)

@@ -221,8 +221,8 @@ def score_examples(
     encoded = [encode_example(examples[i], model.config.block_size) for i in indices]
     scores = Scores(examples=len(encoded), cut=sum(e.cut for e in encoded))
     # disable=None as well: no bar where stderr is not a terminal (a log file would get every redraw).
-    shown = None if progress else True
-    bar = tqdm(total=len(encoded), desc="HellaSwag", unit="example", file=sys.stderr, disable=shown)
+    hidden = None if progress else True  # None: tqdm hides the bar where stderr is not a terminal
+    bar = tqdm(total=len(encoded), desc="HellaSwag", unit="example", file=sys.stderr, disable=hidden)
     with context or nullcontext(), bar:
         for batch in batches_by_length(encoded, batch_size):
             summed, mean = ending_losses(model, [encoded[i] for i in batch], device)

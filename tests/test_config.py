@@ -240,12 +240,12 @@ def test_latest_link_is_replaced_atomically(tmp_path):
 def test_latest_names_runs_inside_its_folder_only_and_leaves_a_real_folder_alone(tmp_path):
     rank_zero = SimpleNamespace(is_global_zero=True)
     inside, elsewhere = tmp_path / "outputs" / "slurm-123", tmp_path / "scratch" / "run"
-    LatestRun(str(inside), str(tmp_path / "outputs" / "latest")).point(rank_zero)
+    LatestRun(str(inside), str(tmp_path / "outputs" / "latest")).first_step_done(rank_zero)
     assert os.readlink(tmp_path / "outputs" / "latest") == "slurm-123"
-    LatestRun(str(elsewhere), str(tmp_path / "outputs" / "latest")).point(rank_zero)
+    LatestRun(str(elsewhere), str(tmp_path / "outputs" / "latest")).first_step_done(rank_zero)
     assert os.readlink(tmp_path / "outputs" / "latest") == "slurm-123"  # hydra.run.dir elsewhere: left alone
     (tmp_path / "mine" / "latest").mkdir(parents=True)
-    LatestRun(str(tmp_path / "mine" / "run"), str(tmp_path / "mine" / "latest")).point(rank_zero)
+    LatestRun(str(tmp_path / "mine" / "run"), str(tmp_path / "mine" / "latest")).first_step_done(rank_zero)
     assert (tmp_path / "mine" / "latest").is_dir() and not (tmp_path / "mine" / "latest").is_symlink()
 
 

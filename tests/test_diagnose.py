@@ -240,6 +240,7 @@ def test_forecast_says_when_there_are_too_few_points():
 
 
 def test_the_reference_is_read_at_its_published_evaluations_and_between_them_in_log_tokens():
+    assert LLMC_GPT2_124M.num_params == parameter_count(gpt2_shaped(12, 768, 50304, bias=True))
     assert LLMC_GPT2_124M.at(8000 * 524_288) == pytest.approx(3.4431)
     assert LLMC_GPT2_124M.at(19_560 * 524_288) == pytest.approx(3.2722)
     middle = math.sqrt(12_250 * 16_000) * 524_288  # halfway in log tokens between two evaluations

@@ -15,6 +15,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from fineweb_gpt.config_files import load_option
 from fineweb_gpt.data import FineWebDataModule, bundled_sample_path, is_validation_document, read_documents
@@ -127,7 +129,11 @@ def compose_eval():
     def _compose(*overrides: str):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("eval", overrides=list(overrides))
+            cfg = compose("eval", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # the command's choices (data=...), as the app sets them
+        with open_dict(cfg):
+            del cfg.hydra
+        return cfg
 
     yield _compose
     GlobalHydra.instance().clear()

@@ -177,7 +177,7 @@ def wandb_records(run_file: Path) -> list:
             position += block - position % block
             continue
         length, kind = struct.unpack("<HB", data[position + 4 : position + 7])
-        if kind == 0:
+        if kind == 0 or position + 7 + length > len(data):  # the end, or a record still being written
             break
         pending += data[position + 7 : position + 7 + length]
         position += 7 + length

@@ -3,8 +3,6 @@ change nothing they should not (parameter counts, losses with compile on or off)
 
 import io
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -193,18 +191,6 @@ def test_where_compiling_cannot_work_the_run_says_so_once_and_trains_uncompiled(
 
 
 @pytest.mark.slow
-def test_throughput_benchmark_runs_on_the_cpu():
-    script = Path(__file__).parents[1] / "benchmarks" / "train_throughput.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--steps", "3", "--warmup", "1", "--rounds", "1"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "lightning / bare loop = " in result.stdout and "round 1: lightning" in result.stdout
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks that training never waits for it")
 @pytest.mark.parametrize("compile_model", [False, True])

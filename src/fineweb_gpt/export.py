@@ -638,10 +638,26 @@ def parse_options(args: list[str]) -> dict:
     return options
 
 
+HELP = """fineweb-gpt-export ckpt=PATH out=FOLDER [push_to_hub=USER/NAME]: a checkpoint as a Hugging
+Face transformers folder (python -m fineweb_gpt.export takes the same options).
+
+    fineweb-gpt-export ckpt=outputs/latest/checkpoints/last.ckpt out=exported/my-gpt
+    fineweb-gpt-export ckpt=outputs/latest/checkpoints/last.ckpt out=exported/my-gpt push_to_hub=user/my-gpt
+
+Options are key=value, like the training command line's:
+  ckpt         the checkpoint (required)
+  out          the folder to write (required); an earlier export there is replaced whole
+  push_to_hub  a Hub repository to upload the folder to (HF_TOKEN or `hf auth login`)
+model.arch=gpt2 becomes GPT2LMHeadModel, model.arch=modern Qwen3ForCausalLM (docs/export.md).
+It needs the hf extra: pip install "fineweb_gpt[hf]". A run starts from such a folder with
+python -m fineweb_gpt.train init_from=FOLDER.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in args):
-        print(__doc__)
+        print(HELP)
         return 0
     try:
         options = parse_options(args)

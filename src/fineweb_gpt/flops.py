@@ -13,11 +13,9 @@ import re
 from dataclasses import dataclass, replace
 from functools import cache
 
-import torch
-
 from fineweb_gpt.config_files import config_dir
 from fineweb_gpt.errors import ConfigError, one_line
-from fineweb_gpt.model import GPT, GPTConfig
+from fineweb_gpt.model_config import GPTConfig
 from fineweb_gpt.tokenizer import PADDED_VOCAB_SIZE
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
@@ -65,6 +63,10 @@ def parameter_count(config: GPTConfig, position_embedding: bool = False) -> int:
 
 @cache
 def _parameter_count(settings: tuple, position_embedding: bool) -> int:
+    import torch  # here, not at the top: the doctor and the sweep table start without torch
+
+    from fineweb_gpt.model import GPT
+
     config = GPTConfig(**dict(settings))
     try:
         with torch.device("meta"):

@@ -12,7 +12,7 @@ import numpy as np
 from fineweb_gpt.doctor.record import Finding, RunRecord
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.flops import CHINCHILLA_TOKENS_PER_PARAM, human_count, human_ratio, parameter_count, size_in_name
-from fineweb_gpt.model import GPTConfig
+from fineweb_gpt.model_config import GPTConfig
 from fineweb_gpt.run.run_files import quoted
 
 SIZE_TOLERANCE = 0.20  # stated vs real parameter count

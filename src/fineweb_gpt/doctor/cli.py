@@ -25,7 +25,7 @@ from fineweb_gpt.doctor.report import render_markdown, render_text
 from fineweb_gpt.doctor.sources import FORMATS, read_run
 from fineweb_gpt.errors import ConfigError, UserError, exit_with
 from fineweb_gpt.flops import gpu_table, human_count, size_in_name
-from fineweb_gpt.model import MODEL_KEYS, GPTConfig
+from fineweb_gpt.model_config import MODEL_KEYS, GPTConfig
 from fineweb_gpt.safe_files import check_target, write_atomically
 
 REPORT_NAME = "REPORT.md"

@@ -23,7 +23,7 @@ from fineweb_gpt.doctor.record import Finding, RunRecord
 from fineweb_gpt.doctor.speed import gpu_of
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.flops import gpt2_shaped, human_count, parameter_count
-from fineweb_gpt.model import PRESETS, GPTConfig
+from fineweb_gpt.model_config import PRESETS, GPTConfig
 from fineweb_gpt.tokenizer import PADDED_VOCAB_SIZE
 
 GIB = 2**30

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from fineweb_gpt.errors import ConfigError
 from fineweb_gpt.flops import human_count, parameter_count
-from fineweb_gpt.model import MODEL_KEYS, SWITCHES, GPTConfig
+from fineweb_gpt.model_config import MODEL_KEYS, SWITCHES, GPTConfig
 from fineweb_gpt.run.run_files import one_line_text
 
 SOURCE_NAMES = {

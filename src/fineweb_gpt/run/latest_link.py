@@ -7,31 +7,24 @@ from pathlib import Path
 
 import lightning as L
 
+from fineweb_gpt.run.ownership import AfterFirstStep
 from fineweb_gpt.safe_files import replace_with_link
 
 log = logging.getLogger("fineweb_gpt")
 
 
-class LatestRun(L.Callback):
+class LatestRun(AfterFirstStep):
     """When the run's first optimizer step ends, `link` (latest_link: outputs/latest, from the folder
     the command was started in) points at the run if the run is inside the link's folder: a run
     elsewhere (hydra.run.dir=/scratch/...) leaves it alone. A run stopped before its first step
     (nothing trained, nothing saved) is not named."""
 
     def __init__(self, run_dir: str, link: str | None):
+        super().__init__()
         self.run_dir = Path(os.path.abspath(run_dir))
         self.link = Path(os.path.abspath(os.path.join(launch_folder(), link))) if link else None
-        self.first_step: int | None = None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.first_step = trainer.global_step
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if self.first_step is not None and trainer.global_step > self.first_step:
-            self.first_step = None
-            self.point(trainer)
-
-    def point(self, trainer: L.Trainer) -> None:
+    def first_step_done(self, trainer: L.Trainer) -> None:
         if self.link and self.run_dir.is_relative_to(self.link.parent) and trainer.is_global_zero:
             point_link(self.link, self.run_dir)
 

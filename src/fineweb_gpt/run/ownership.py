@@ -233,13 +233,11 @@ class RecordRun(L.Callback):
             write_hydra_record(self.run_dir, self.cfg)
 
 
-class TrainingStarted(L.Callback):
-    """Marks the run as trained when its first optimizer step in this process ends: from then on its
-    folder is never removed. A run that fails before (bad data in the first batch, out of memory at
-    the first micro-batch) has nothing worth keeping."""
+class AfterFirstStep(L.Callback):
+    """Calls first_step_done(trainer) once, when the first optimizer step this process trains ends
+    (a resumed run's too): what is kept or pointed at only once a run has trained something."""
 
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
+    def __init__(self):
         self.first_step: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -248,4 +246,20 @@ class TrainingStarted(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self.first_step is not None and trainer.global_step > self.first_step:
             self.first_step = None
-            trained.add(os.path.abspath(self.run_dir))
+            self.first_step_done(trainer)
+
+    def first_step_done(self, trainer: L.Trainer) -> None:
+        raise NotImplementedError
+
+
+class TrainingStarted(AfterFirstStep):
+    """Marks the run as trained when its first optimizer step in this process ends: from then on its
+    folder is never removed. A run that fails before (bad data in the first batch, out of memory at
+    the first micro-batch) has nothing worth keeping."""
+
+    def __init__(self, run_dir: str):
+        super().__init__()
+        self.run_dir = run_dir
+
+    def first_step_done(self, trainer: L.Trainer) -> None:
+        trained.add(os.path.abspath(self.run_dir))

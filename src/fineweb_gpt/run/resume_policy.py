@@ -18,7 +18,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fineweb_gpt.errors import ConfigError
-from fineweb_gpt.model import ARCHITECTURE_KEYS, resolved_model_settings
+from fineweb_gpt.model_config import ARCHITECTURE_KEYS, resolved_model_settings
 from fineweb_gpt.run.checkpoint_files import checkpoint_step, read_checkpoint, saved_checkpoints
 from fineweb_gpt.run.evaluation_schedule import EVALUATION_PENDING
 from fineweb_gpt.run.names import CHECKPOINTS

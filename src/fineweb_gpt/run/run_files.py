@@ -18,6 +18,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only  # the one Lightni
 from omegaconf import DictConfig, OmegaConf
 
 from fineweb_gpt.errors import ConfigError, UserError, one_line
+from fineweb_gpt.model_config import MODEL_KEYS
 from fineweb_gpt.run.names import (
     HYDRA_CONFIG,
     HYDRA_DIR,
@@ -206,8 +207,6 @@ def read_hydra_config(run_dir: Path) -> dict | None:
 
 def summary_from_hydra_config(run_dir: Path, config: dict) -> dict:
     """The summary keys a run folder's Hydra config can give, for runs without run_summary.json."""
-    from fineweb_gpt.model import MODEL_KEYS  # torch: not for the doctor's and the sweep table's start
-
     model, optim, hw = (config.get(key) or {} for key in ("model", "optim", "hw"))
     max_steps = (config.get("trainer") or {}).get("max_steps")
     summary = {

@@ -39,3 +39,16 @@ def make_config(tmp_path):
 
     yield _make
     GlobalHydra.instance().clear()
+
+
+def pytest_collection_modifyitems(items):
+    """Files with the most `slow` tests first: pytest-xdist (--dist loadfile) hands each worker a
+    whole file as it becomes free, and the long files, late in the alphabet, otherwise start last
+    and leave one worker running them alone at the end (longest job first)."""
+    slow_in_file: dict[str, int] = {}
+    for item in items:
+        slow_in_file[item.fspath.strpath] = slow_in_file.get(item.fspath.strpath, 0) + bool(
+            item.get_closest_marker("slow")
+        )
+    order = {path: rank for rank, path in enumerate(sorted(slow_in_file, key=lambda p: -slow_in_file[p]))}
+    items.sort(key=lambda item: order[item.fspath.strpath])  # stable: each file keeps its own order

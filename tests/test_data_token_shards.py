@@ -216,7 +216,7 @@ def final_val_loss(run_dir: Path) -> float:
 @pytest.mark.slow
 def test_token_shards_train_to_the_parquet_paths_val_loss(sample_shards, tmp_path):
     """Same documents, same validation windows: the val loss matches within the noise of the data order."""
-    steps = ["trainer.max_steps=60", "val_every_steps=30", "optim.warmup_steps=10", "data.val_tokens=4096"]
+    steps = ["trainer.max_steps=40", "val_every_steps=40", "optim.warmup_steps=10", "data.val_tokens=4096"]
 
     def train(name: str, *data: str) -> float:
         result = run_cli(*SMALL, *steps, *data, f"hydra.run.dir={tmp_path / name}", cwd=TESTS_DIR)
@@ -228,5 +228,5 @@ def test_token_shards_train_to_the_parquet_paths_val_loss(sample_shards, tmp_pat
     shards = train("shards", "data=token_shards", f"data.paths={sample_shards}", "seed=1")
     noise = abs(parquet[0] - parquet[1])  # another data order (and initialisation) of the same documents
     print(f"final val loss: parquet {parquet}, token shards {shards:.4f}")
-    assert max(parquet) < 8.5  # both learned: a fresh model scores about ln(50304) = 10.8
+    assert max(parquet) < 9.5  # both learned: a fresh model scores about ln(50304) = 10.8, 40 steps about 9.1
     assert abs(shards - parquet[0]) <= max(3 * noise, 0.01 * parquet[0]), (shards, parquet)

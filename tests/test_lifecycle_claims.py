@@ -42,6 +42,14 @@ def hold_the_lock(run_dir: Path, by_hand: bool = False) -> subprocess.Popen:
     return holder
 
 
+def start_training(*overrides: str) -> subprocess.Popen:
+    """The training command in the background, its stderr kept for the test's messages."""
+    command = [sys.executable, "-m", "fineweb_gpt.train", *overrides]
+    return subprocess.Popen(
+        command, cwd=TESTS, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
 def test_a_held_folder_is_refused_naming_the_holder_and_a_stale_lock_can_be_deleted(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -80,14 +88,7 @@ def test_two_runs_of_the_same_command_the_second_is_refused_naming_the_first(tmp
     command = [*RUN, "trainer.max_steps=4", "resume=auto", f"hydra.run.dir={run_dir}"]
     cue = tmp_path / "second_one_was_refused"
     held = ["+callbacks.wait._target_=helpers.WaitForFile", f"+callbacks.wait.path={cue}"]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "fineweb_gpt.train", *command, *held],
-        cwd=TESTS,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = start_training(*command, *held)
     try:
         while b"pid" not in ((run_dir / ".lock").read_bytes() if (run_dir / ".lock").exists() else b""):
             assert first.poll() is None, first.stderr.read()
@@ -124,14 +125,7 @@ def test_a_refused_run_never_removes_a_folder_another_run_trained_in(tmp_path):
         f"+hydra.callbacks.pause.paused={paused}",
         f"+hydra.callbacks.pause.go={go}",
     ]
-    second = subprocess.Popen(
-        [sys.executable, "-m", "fineweb_gpt.train", *RUN, f"hydra.run.dir={run_dir}", *hold],
-        cwd=TESTS,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    second = start_training(*RUN, f"hydra.run.dir={run_dir}", *hold)
     try:
         while not paused.exists():
             assert second.poll() is None, second.stderr.read()

@@ -14,38 +14,18 @@ from fineweb_gpt.tokenizer import PADDED_VOCAB_SIZE
 # (docs/speed.md): ReLU², rotary and QK-norm clearly, RMSNorm at no cost. The untied zero head
 # cost loss there and the others made no difference it could resolve, so they stay off here;
 # each is a switch of its own.
-PRESETS = {
-    "gpt2": dict(
-        norm="layernorm",
-        mlp="gelu",
-        positions="learned",
-        qk_norm=False,
-        tied_head=True,
-        zero_init_proj=False,
-        logit_softcap=False,
-        doc_mask=False,
-    ),
-    "modern": dict(
-        norm="rmsnorm",
-        mlp="swiglu",
-        positions="rotary",
-        qk_norm=True,
-        tied_head=True,
-        zero_init_proj=False,
-        logit_softcap=False,
-        doc_mask=False,
-    ),
-    "speedrun": dict(
-        norm="rmsnorm",
-        mlp="relu2",
-        positions="rotary",
-        qk_norm=True,
-        tied_head=True,
-        zero_init_proj=False,
-        logit_softcap=False,
-        doc_mask=False,
-    ),
-}
+GPT2 = dict(
+    norm="layernorm",
+    mlp="gelu",
+    positions="learned",
+    qk_norm=False,
+    tied_head=True,
+    zero_init_proj=False,
+    logit_softcap=False,
+    doc_mask=False,
+)
+MODERN = {**GPT2, "norm": "rmsnorm", "mlp": "swiglu", "positions": "rotary", "qk_norm": True}
+PRESETS = {"gpt2": GPT2, "modern": MODERN, "speedrun": {**MODERN, "mlp": "relu2"}}
 CHOICES = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"), "positions": ("learned", "rotary")}
 SWITCHES = ("qk_norm", "tied_head", "zero_init_proj", "doc_mask")  # true or false
 
